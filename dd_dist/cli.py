@@ -1,0 +1,92 @@
+"""`dd-dist <command> [-c CONFIG] [section.key=value ...]`: one entry point for every stage.
+
+Mistakes a user can make print one line and exit 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dd_dist.config import Config, load_config
+from dd_dist.errors import UserError
+
+# Neither Ray nor MLflow may phone home from this tool.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def not_built(stage: str):
+    def run(cfg: Config, args) -> None:
+        raise UserError(f"the '{stage}' stage is not built yet")
+
+    return run
+
+
+def cmd_teacher(cfg: Config, args) -> None:
+    from dd_dist.pipeline import train_teacher
+
+    print(f"teacher saved to {train_teacher(cfg)}")
+
+
+def cmd_distill(cfg: Config, args) -> None:
+    from dd_dist.pipeline import train_student
+
+    print(f"student saved to {train_student(cfg)}")
+
+
+def cmd_pipeline(cfg: Config, args) -> None:
+    from dd_dist.pipeline import run_local
+
+    run_local(cfg)
+
+
+COMMANDS = {
+    "teacher": ("train the dropout teacher on hard labels", cmd_teacher),
+    "label": ("write MC-averaged soft labels with Ray actors", not_built("label")),
+    "verify": ("recompute a sample of stored labels and check them", not_built("verify")),
+    "distill": ("train the deterministic student on the soft labels", cmd_distill),
+    "evaluate": ("test standard, MC-K and distilled predictions", not_built("evaluate")),
+    "compare": ("tabulate runs from MLflow side by side", not_built("compare")),
+    "pipeline": ("run every stage: teacher, label, distill, evaluate", cmd_pipeline),
+    "demo": ("the whole pipeline on the bundled demo config", cmd_pipeline),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dd-dist", description="Distributed dropout distillation.")
+    subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, _) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", help="YAML config (see configs/)")
+        if name == "verify":
+            sub.add_argument("labels", help="label directory written by `dd-dist label`")
+            sub.add_argument("--teacher", required=True, help="teacher checkpoint the labels came from")
+            sub.add_argument("--rows", type=int, default=256, help="rows to recompute")
+        if name == "compare":
+            sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+        sub.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    config_path = args.config or (DEMO_CONFIG if args.command == "demo" else None)
+    try:
+        cfg = load_config(config_path, args.overrides)
+        COMMANDS[args.command][1](cfg, args)
+    except UserError as error:
+        print(f"dd-dist {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dd-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""One typed config tree for every stage, loaded from YAML plus dotted overrides (`teacher.lr=0.01`).
+
+Validation errors become a one-line UserError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dd_dist.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = "mnist"  # mnist | fashion-mnist | cifar10 | cifar100 | hf:<name-or-path> | synthetic
+    path: str | None = None  # directory or archive for fashion-mnist, cifar*, local hf copies
+    train_rows: int = Field(0, ge=0)  # 0 = the whole split
+    test_rows: int = Field(0, ge=0)
+    zero_p: float = Field(0.2, ge=0, lt=1)  # distillation augmentation: pixel zeroing
+    flip_p: float = Field(0.0, ge=0, le=1)  # horizontal flips (off for digits)
+
+
+class ModelConfig(Section):
+    arch: Literal["mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv"] = "lenet"
+    p: float = Field(0.5, ge=0, lt=1)  # dropout probability
+
+
+class TrainConfig(Section):
+    """Optimiser and schedule; the defaults are the paper's MNIST LeNet schedule."""
+
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_steps: list[int] = [20]  # epochs after which lr is multiplied by lr_gamma
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: str = "sgd"  # sgd uses momentum + weight_decay; any DeepSpeed optimizer name works too
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_inside_run(self):
+        if any(s < 1 or s >= self.epochs for s in self.lr_steps):
+            raise ValueError(f"lr_steps {self.lr_steps} must lie in [1, epochs={self.epochs})")
+        return self
+
+
+class DistillConfig(TrainConfig):
+    mode: Literal["offline", "online"] = "offline"  # offline: stored MC labels; online: one mask per step
+    init: Literal["teacher", "scratch"] = "teacher"  # Ω ← Θ* or a fresh student
+    width: float = Field(1.0, gt=0, le=1)  # < 1: a smaller student
+
+
+class LabelConfig(Section):
+    k: int = Field(100, ge=1)  # MC masks per image
+    actors: int = Field(2, ge=1)  # Ray label actors
+    batch_size: int = Field(256, ge=1)
+    dtype: Literal["float32", "float16", "topk"] = "float16"
+    topk: int = Field(3, ge=1)  # classes kept when dtype=topk
+    rows_per_shard: int = Field(10_000, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    threads_per_actor: int = Field(1, ge=1)  # torch threads inside each actor
+
+
+class EvalConfig(Section):
+    ks: list[int] = [1, 2, 5, 10, 20, 50, 100]
+    repeats: int = Field(5, ge=1)  # MC seeds per K
+    batch_size: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _positive_ks(self):
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks {self.ks} must be a non-empty list of K >= 1")
+        return self
+
+
+class ClusterConfig(Section):
+    address: str | None = None  # Ray address; None starts a local Ray on 127.0.0.1
+    num_cpus: int | None = None  # logical CPUs of a local Ray (more than cores keeps write tasks alive)
+    num_workers: int = Field(2, ge=1)  # Ray Train workers
+    use_gpu: bool = False
+    deepspeed: str = "configs/deepspeed/zero2.json"
+    max_failures: int = Field(2, ge=0)
+    storage_path: str | None = None  # shared storage (NFS, s3://) for checkpoints; default run_dir
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "dd-dist"
+
+
+class Config(Section):
+    seed: int = 0
+    run_dir: str = "runs/default"  # teacher/, labels/, student/ and reports go here
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TrainConfig = TrainConfig()
+    label: LabelConfig = LabelConfig()
+    distill: DistillConfig = DistillConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. for MLflow params."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        _apply_override(tree, item)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_one_line(e)) from None
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw else None
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = _section_at(first["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else "?"
+        return f"config: unknown key '{key}' (allowed here: {allowed})"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    where = f"'{key}'" if key else "config"
+    return f"config: {where}: {first['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def _section_at(loc) -> type[BaseModel] | None:
+    cls: type[BaseModel] = Config
+    for part in loc:
+        field = cls.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        cls = field.annotation
+    return cls
