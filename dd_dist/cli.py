@@ -39,6 +39,32 @@ def cmd_distill(cfg: Config, args) -> None:
     print(f"student saved to {train_student(cfg)}")
 
 
+def cmd_label(cfg: Config, args) -> None:
+    from dd_dist.labels import run_label
+
+    print(f"labels written to {run_label(cfg)}")
+
+
+def cmd_verify(cfg: Config, args) -> None:
+    from dd_dist.labels import verify_labels
+
+    r = verify_labels(args.labels, args.teacher, args.rows, cfg)
+    print(f"labels OK: {r['rows']} rows recomputed, mean KL {r['mean_kl']:.3g} <= tolerance {r['tolerance']:.3g}")
+
+
+def cmd_evaluate(cfg: Config, args) -> None:
+    from dd_dist.evaluate import evaluate, results_path
+
+    evaluate(cfg)
+    print(f"results written to {results_path(cfg)}")
+
+
+def cmd_compare(cfg: Config, args) -> None:
+    from dd_dist.compare import compare
+
+    print(compare(cfg, args.experiment, args.out))
+
+
 def cmd_pipeline(cfg: Config, args) -> None:
     from dd_dist.pipeline import run_local
 
@@ -47,11 +73,11 @@ def cmd_pipeline(cfg: Config, args) -> None:
 
 COMMANDS = {
     "teacher": ("train the dropout teacher on hard labels", cmd_teacher),
-    "label": ("write MC-averaged soft labels with Ray actors", not_built("label")),
-    "verify": ("recompute a sample of stored labels and check them", not_built("verify")),
+    "label": ("write MC-averaged soft labels with Ray actors", cmd_label),
+    "verify": ("recompute a sample of stored labels and check them", cmd_verify),
     "distill": ("train the deterministic student on the soft labels", cmd_distill),
-    "evaluate": ("test standard, MC-K and distilled predictions", not_built("evaluate")),
-    "compare": ("tabulate runs from MLflow side by side", not_built("compare")),
+    "evaluate": ("test standard, MC-K and distilled predictions", cmd_evaluate),
+    "compare": ("tabulate runs from MLflow side by side", cmd_compare),
     "pipeline": ("run every stage: teacher, label, distill, evaluate", cmd_pipeline),
     "demo": ("the whole pipeline on the bundled demo config", cmd_pipeline),
 }
@@ -69,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--rows", type=int, default=256, help="rows to recompute")
         if name == "compare":
             sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+            sub.add_argument("--out", help="folder for compare.md and the plots (default: run_dir/compare)")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value")
     return top
 

@@ -62,15 +62,17 @@ class LabelConfig(Section):
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float32", "float16", "topk"] = "float16"
     topk: int = Field(3, ge=1)  # classes kept when dtype=topk
-    rows_per_shard: int = Field(10_000, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    rows_per_shard: int = Field(2048, ge=1)  # a shard is the unit of work and of resume
+    cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so Ray Data's own tasks are not starved
     threads_per_actor: int = Field(1, ge=1)  # torch threads inside each actor
 
 
 class EvalConfig(Section):
-    ks: list[int] = [1, 2, 5, 10, 20, 50, 100]
+    ks: list[int] = [1, 2, 5, 10, 20, 50, 100]  # MC samples to test
     repeats: int = Field(5, ge=1)  # MC seeds per K
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(500, ge=1)  # test images per timed forward call
+    threads: int = Field(0, ge=0)  # torch threads for every method (0 = torch's default)
+    ece_bins: int = Field(15, ge=1)  # equal-width confidence bins of ECE and the reliability diagram
 
     @model_validator(mode="after")
     def _positive_ks(self):
@@ -90,8 +92,10 @@ class ClusterConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = "sqlite:///mlruns.db"
+    uri: str = "sqlite:///mlruns.db"  # a value other than this default wins over MLFLOW_TRACKING_URI
     experiment: str = "dd-dist"
+    http_retries: int = Field(1, ge=0)  # retries of a tracking-server call (MLflow's 7 block for minutes)
+    http_timeout_s: int = Field(5, ge=1)  # seconds per tracking-server request
 
 
 class Config(Section):

@@ -1,4 +1,5 @@
-"""Quality of predicted class probabilities: error, NLL, expected calibration error, Brier score."""
+"""Quality of predicted class probabilities: error, NLL, expected calibration error, Brier score,
+and the per-bin data of a reliability diagram."""
 from __future__ import annotations
 
 import torch
@@ -16,15 +17,23 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, bins: int 
     }
 
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """Sum over equal-width confidence bins of |accuracy - confidence| weighted by the bin's share of rows."""
-    confidence, predicted = probs.max(1)
-    correct = (predicted == labels).double()
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, list]:
+    """Per equal-width confidence bin: row count, accuracy and mean confidence (0 in empty bins)."""
+    confidence, predicted = probs.double().max(1)
+    correct = (predicted == labels.long()).double()
     # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur for a softmax.
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
-    ece = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            ece += inside.double().mean().item() * abs(correct[inside].mean().item() - confidence[inside].double().mean().item())
-    return ece
+    count = torch.bincount(which, minlength=bins).double()
+    seen = count.clamp_min(1)
+    return {
+        "count": count.long().tolist(),
+        "accuracy": (torch.bincount(which, weights=correct, minlength=bins) / seen).tolist(),
+        "confidence": (torch.bincount(which, weights=confidence, minlength=bins) / seen).tolist(),
+    }
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Sum over equal-width confidence bins of |accuracy - confidence| weighted by the bin's share of rows."""
+    r = reliability_bins(probs, labels, bins)
+    rows = sum(r["count"])
+    return sum(n / rows * abs(acc - conf) for n, acc, conf in zip(r["count"], r["accuracy"], r["confidence"]))

@@ -5,10 +5,7 @@ Every model is a flat nn.Sequential so MC code can split it at its first dropout
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +13,7 @@ import torch
 from torch import nn
 
 from dd_dist.errors import UserError
+from dd_dist.files import atomic_write
 
 
 def _w(units: int, width: float) -> int:
@@ -105,18 +103,9 @@ def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: fl
 
 
 def save_model(path, model: nn.Module, spec: dict, extra: dict | None = None) -> None:
-    """Atomic: a crash never leaves a half-written checkpoint under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A plain dict of tensors and primitives, written atomically; loads with weights_only=True."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save({"spec": spec, "state_dict": state, **(extra or {})}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save({"spec": spec, "state_dict": state, **(extra or {})}, tmp))
 
 
 def read_checkpoint(path) -> dict:
@@ -157,11 +146,3 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
                 param.normal_(0, 0.01) if name.endswith("weight") else param.zero_()
                 reset.append(name)
     return reset
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -1,0 +1,151 @@
+"""`dd-dist evaluate`: standard dropout, MC dropout at each K (several seeds) and the distilled
+student on the test split: error, NLL, ECE, Brier, reliability bins and latency.
+
+Writes run_dir/eval/results.json and logs the same numbers to MLflow (an "evaluate" stage run).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from dd_dist.config import Config
+from dd_dist.data import Split, row_rng_seed
+from dd_dist.errors import UserError
+from dd_dist.files import write_json
+from dd_dist.mc import mc_probs, standard_probs
+from dd_dist.metrics import classification_metrics, reliability_bins
+from dd_dist.models import load_model
+from dd_dist.pipeline import student_path, teacher_path, test_split
+from dd_dist.tracking import log_artifact, log_metrics, stage_run
+
+QUALITY = ("error", "nll", "ece", "brier")
+SPEED = ("latency_ms", "images_per_s")
+EVAL_SEED_SALT = 0xE7A1  # evaluation masks must not repeat the label stage's masks
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, row ids) -> probabilities
+
+
+def results_path(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "eval" / "results.json"
+
+
+def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Score every method on the test split; returns what run_dir/eval/results.json holds."""
+    split = test_split(cfg)
+    teacher = _load_checked(teacher_path(cfg), split, "teacher")
+    student = _load_checked(student_path(cfg), split, "student") if student_path(cfg).is_file() else None
+    e = cfg.eval
+    with _torch_threads(e.threads), stage_run(cfg, "evaluate", parent_run_id, eval_ks=e.ks) as run_id:
+        results = {"dataset": split.name, "arch": cfg.model.arch, "test_images": len(split),
+                   "data_fingerprint": split.fingerprint, "batch_size": e.batch_size,
+                   "threads": torch.get_num_threads(), "ece_bins": e.ece_bins, "methods": {}, "notes": []}
+        steps = 1 + len(e.ks) * e.repeats + (student is not None)
+        with tqdm(total=steps, desc="evaluate", unit="pass") as bar:
+            results["methods"]["standard"] = _score(lambda x, ids: standard_probs(teacher, x), split, e, 1, bar)
+            for k in e.ks:
+                results["methods"][f"mc{k}"] = _score_mc(teacher, split, cfg, k, bar)
+            if student is not None:
+                results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1, bar)
+            else:
+                results["notes"].append(f"no student at {student_path(cfg)}: distilled skipped")
+        write_json(results_path(cfg), results)
+        log_metrics({"test_images": len(split), **mlflow_metrics(results)}, run_id=run_id)
+        for k in e.ks:  # the MC curve as a stepped series, for MLflow's charts
+            log_metrics({"mc_curve/error_mean": results["methods"][f"mc{k}"]["error_mean"]}, step=k, run_id=run_id)
+        log_artifact(results_path(cfg), run_id=run_id)
+    print(format_table(results))
+    for note in results["notes"]:
+        print(f"note: {note}")
+    return results
+
+
+def mlflow_metrics(results: dict) -> dict[str, float]:
+    """`standard/error`, `mc10/error_mean`, `mc10/error_std`, `distilled/latency_ms`, ..."""
+    out = {}
+    for method, m in results["methods"].items():
+        for key in (*QUALITY, *SPEED):
+            if method.startswith("mc"):
+                out[f"{method}/{key}_mean"], out[f"{method}/{key}_std"] = m[f"{key}_mean"], m[f"{key}_std"]
+            else:
+                out[f"{method}/{key}"] = m[key]
+        out[f"{method}/forward_passes"] = m["forward_passes"]
+    return out
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{results['dataset']} / {results['arch']}, {results['test_images']} test images, "
+             f"{results['threads']} threads",
+             f"{'method':<10} {'passes':>6} {'error %':>8} {'± std':>6} {'NLL':>7} {'ECE':>7} {'Brier':>7} "
+             f"{'ms/img':>8} {'img/s':>9}"]
+    for method, m in results["methods"].items():
+        get = (lambda key: m[f"{key}_mean"]) if method.startswith("mc") else (lambda key: m[key])
+        std = f"{100 * m['error_std']:6.2f}" if method.startswith("mc") else " " * 6
+        lines.append(f"{method:<10} {m['forward_passes']:>6} {100 * get('error'):8.2f} {std} {get('nll'):7.4f} "
+                     f"{get('ece'):7.4f} {get('brier'):7.4f} {get('latency_ms'):8.4f} {get('images_per_s'):9.0f}")
+    return "\n".join(lines)
+
+
+def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True) -> dict:
+    probs, seconds = _timed_predict(predict, split, e.batch_size, warm_up)
+    labels = torch.from_numpy(split.y)
+    bar.update()
+    bar.set_postfix(images_per_s=f"{len(split) / seconds:.0f}")
+    return {**classification_metrics(probs, labels, e.ece_bins), "latency_ms": 1000 * seconds / len(split),
+            "images_per_s": len(split) / seconds, "forward_passes": passes,
+            "reliability": reliability_bins(probs, labels, e.ece_bins)}
+
+
+def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> dict:
+    """MC dropout with K masks, once per seed; mean and sample std over the seeds."""
+    runs = []
+    for repeat in range(cfg.eval.repeats):
+        seed = row_rng_seed(cfg.seed, EVAL_SEED_SALT, repeat)
+        predict = lambda x, ids, seed=seed: mc_probs(teacher, x, ids, k, seed)
+        runs.append(_score(predict, split, cfg.eval, k, bar, warm_up=repeat == 0))
+    out = {"k": k, "forward_passes": k, "repeats": len(runs), "reliability": runs[0]["reliability"]}
+    for key in (*QUALITY, *SPEED):
+        values = [r[key] for r in runs]
+        out[f"{key}_mean"] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_per_seed"] = values
+    return out
+
+
+def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: bool) -> tuple[torch.Tensor, float]:
+    """Probabilities of the whole split, batch by batch, and the wall time of that prediction."""
+    x, ids = torch.from_numpy(split.x), torch.arange(len(split))
+    with torch.inference_mode():
+        if warm_up:  # first-call allocations are not per-image latency
+            predict(x[:batch_size], ids[:batch_size])
+        start = time.perf_counter()
+        probs = torch.cat([predict(x[i : i + batch_size], ids[i : i + batch_size])
+                           for i in range(0, len(split), batch_size)])
+        return probs, time.perf_counter() - start
+
+
+def _load_checked(path: Path, split: Split, role: str):
+    if not path.is_file():
+        raise UserError(f"no {role} checkpoint at {path}: run `dd-dist {'teacher' if role == 'teacher' else 'distill'}` first")
+    model, spec = load_model(path)
+    if tuple(spec["in_shape"]) != split.in_shape or spec["num_classes"] != split.num_classes:
+        raise UserError(f"{role} at {path} takes {tuple(spec['in_shape'])} images with {spec['num_classes']} classes, "
+                        f"but the {split.name} test split has {split.in_shape} with {split.num_classes}")
+    return model
+
+
+@contextmanager
+def _torch_threads(threads: int):
+    """The same torch thread count for every method; 0 keeps torch's default."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

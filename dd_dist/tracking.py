@@ -1,0 +1,198 @@
+"""MLflow helpers for every stage: where runs go, one run per stage, and logging that never stops training.
+
+Only rank 0 logs. If the tracking store cannot be reached, the first failure prints one warning on
+stderr and the stage goes on: metrics logged meanwhile are buffered and retried once when the
+stage's run ends. Params come only from the config tree (never from the environment), with any
+password inside a URI masked.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from dd_dist.config import Config, TrackingConfig
+
+DEFAULT_URI = TrackingConfig.model_fields["uri"].default
+_URI_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/:@\s]+):[^/@\s]+@")
+
+# Per-process state: a stage that lost its server stops calling it until the next configure().
+_offline = False
+_warned = False
+_pending: list[tuple[str, list[Metric]]] = []  # (run id, metrics) waiting for the server
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """A config value other than the default wins, then MLFLOW_TRACKING_URI, then the default."""
+    uri = cfg.uri if cfg.uri != DEFAULT_URI else os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    # Pin a relative SQLite path to this working directory, so Ray workers started elsewhere share it.
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def use_store(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store with short network timeouts; no experiment is created. Returns the URI."""
+    global _offline, _warned
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # Defaults (7 retries, 120 s timeout) block each call for minutes when the server is gone.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(cfg.http_timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    _offline = _warned = False  # each stage gives the server a fresh chance
+    return uri
+
+
+def configure(cfg: TrackingConfig) -> str | None:
+    """use_store() plus the experiment by name (created if missing); its id, or None if unreachable."""
+    uri = use_store(cfg)
+    ok, experiment = _attempt(f"opening experiment {cfg.experiment!r} at {redact(uri)}", mlflow.set_experiment,
+                              cfg.experiment)
+    return experiment.experiment_id if ok else None
+
+
+def is_rank_zero() -> bool:
+    """True outside Ray Train, and on the world-rank-0 worker inside it."""
+    if "ray" not in sys.modules:  # no Ray in this process: a single-process stage
+        return True
+    import ray.train
+
+    try:
+        return ray.train.get_context().get_world_rank() == 0
+    except RuntimeError:  # the driver or a plain Ray task, not a training worker
+        return True
+
+
+def redact(value: Any) -> Any:
+    """Mask the password of `scheme://user:password@host` inside strings."""
+    return _URI_PASSWORD.sub(r"\1:***@", value) if isinstance(value, str) else value
+
+
+def run_tags(cfg: Config, stage: str, extra: dict) -> dict[str, str]:
+    tags = {"stage": stage, "dataset": cfg.data.name, "arch": cfg.model.arch, "dropout_p": cfg.model.p,
+            "K": cfg.label.k, "method": f"dropout-distillation-{cfg.distill.mode}", "run_dir": cfg.run_dir}
+    return {k: str(redact(v)) for k, v in {**tags, **extra}.items()}
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None, **tags) -> Iterator[str | None]:
+    """One MLflow run for a stage, yielding its id (None off rank 0 or without a server).
+
+    Nested under `parent_run_id`, or else under the run active in this thread. Logs the flattened
+    config as params and as config.yaml; ends FAILED (KILLED on Ctrl-C) if the body raises.
+    """
+    if not is_rank_zero():
+        yield None
+        return
+    experiment_id = configure(cfg.tracking)
+    run_id = None
+    if experiment_id is not None:
+        ok, run = _attempt(f"starting the {stage} run", mlflow.start_run, experiment_id=experiment_id,
+                           run_name=stage, nested=mlflow.active_run() is not None, parent_run_id=parent_run_id,
+                           tags=run_tags(cfg, stage, tags), log_system_metrics=False)
+        run_id = run.info.run_id if ok else None
+    if run_id:
+        params = {k: redact(v) for k, v in cfg.flat().items()}
+        config = redact_tree(cfg.model_dump())
+        _attempt("logging params", mlflow.log_params, params)
+        _attempt("logging config.yaml", mlflow.log_dict, config, "config.yaml")
+    status = "FINISHED"
+    try:
+        yield run_id
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        raise
+    finally:
+        if run_id:
+            _flush_pending()
+            # end_run pops the run before it calls the server, so a failure here leaves no stale run.
+            _attempt(f"ending the {stage} run", mlflow.end_run, status)
+
+
+def pipeline_run(cfg: Config, **tags):
+    """The parent run of `dd-dist pipeline`: stage runs started inside it become its children."""
+    return stage_run(cfg, "pipeline", **tags)
+
+
+def redact_tree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: redact_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_tree(v) for v in tree]
+    return redact(tree)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Log to `run_id` or the active run; never raises. A no-op off rank 0 or without a run."""
+    run_id = run_id or _active_run_id()
+    if not run_id or not is_rank_zero():
+        return
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+    if _offline:
+        _pending.append((run_id, batch))
+        return
+    ok, _ = _attempt("logging metrics", MlflowClient().log_batch, run_id, metrics=batch)
+    if not ok:
+        _pending.append((run_id, batch))
+
+
+def log_artifact(path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    """Upload a file; skipped (after the one warning) while the server is unreachable."""
+    run_id = run_id or _active_run_id()
+    if not run_id or _offline or not is_rank_zero():
+        return
+    _attempt(f"uploading {path}", MlflowClient().log_artifact, run_id, str(path), artifact_path)
+
+
+def log_model_file(path, run_id: str | None = None) -> None:
+    """The final checkpoint as a plain artifact under model/ (no slow mlflow.pytorch packaging)."""
+    log_artifact(path, "model", run_id)
+
+
+def _active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def _flush_pending() -> None:
+    """One retry of the buffered metrics; dropped with the warning already given if it fails again."""
+    global _offline
+    if not _pending:
+        return
+    _offline = False
+    while _pending and not _offline:
+        run_id, batch = _pending[0]
+        ok, _ = _attempt("sending buffered metrics", MlflowClient().log_batch, run_id, metrics=batch)
+        if ok:
+            _pending.pop(0)
+    if _pending:
+        print(f"dd-dist: warning: {sum(len(b) for _, b in _pending)} buffered metric values were not logged",
+              file=sys.stderr, flush=True)
+        _pending.clear()
+
+
+def _attempt(what: str, call: Callable, *args, **kwargs) -> tuple[bool, Any]:
+    """(True, result), or (False, None) after warning once that tracking is off for this stage."""
+    global _offline, _warned
+    try:
+        return True, call(*args, **kwargs)
+    except Exception as error:
+        _offline = True
+        if not _warned:
+            _warned = True
+            reason = redact(str(error).strip().splitlines()[0][:200]) if str(error).strip() else ""
+            print(f"dd-dist: warning: MLflow {what} failed ({type(error).__name__}: {reason}); "
+                  f"the stage goes on without tracking", file=sys.stderr, flush=True)
+        return False, None
