@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from dd_dist.config import ClusterConfig
 
 # Passed to every Ray worker: no telemetry, and DeepSpeed on CPU unless a GPU run asks otherwise.
-WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # else each progress line of a train worker shows twice
 
 
 @contextmanager
