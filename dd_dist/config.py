@@ -39,7 +39,7 @@ class TrainConfig(Section):
     lr_steps: list[int] = [20]  # epochs after which lr is multiplied by lr_gamma
     lr_gamma: float = Field(0.1, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
-    optimizer: str = "sgd"  # sgd uses momentum + weight_decay; any DeepSpeed optimizer name works too
+    optimizer: Literal["sgd", "deepspeed"] = "sgd"  # sgd: momentum + weight_decay; deepspeed: the JSON's "optimizer" block
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
 
