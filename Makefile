@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The MLflow UI over the default store, on loopback only.
+MLFLOW_PORT ?= 5000
+mlflow-ui: setup
+	@echo "MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 fashion-mnist:
 	bash launch/fetch_fashion_mnist.sh data/fashion-mnist

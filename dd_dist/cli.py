@@ -28,47 +28,48 @@ def not_built(stage: str):
 
 
 def cmd_teacher(cfg: Config, args) -> None:
-    from dd_dist.pipeline import train_teacher
+    from dd_dist.pipeline import teacher_stage
 
-    print(f"teacher saved to {train_teacher(cfg)}")
-
-
-def cmd_distill(cfg: Config, args) -> None:
-    from dd_dist.pipeline import train_student
-
-    print(f"student saved to {train_student(cfg)}")
+    print(f"teacher saved to {teacher_stage(cfg)}")
 
 
 def cmd_label(cfg: Config, args) -> None:
-    from dd_dist.labels import run_label
+    from dd_dist.pipeline import label_stage
 
-    print(f"labels written to {run_label(cfg)}")
+    print(f"labels written to {label_stage(cfg)}")
 
 
 def cmd_verify(cfg: Config, args) -> None:
-    from dd_dist.labels import verify_labels
+    from dd_dist.verify import verify_labels
 
     r = verify_labels(args.labels, args.teacher, args.rows, cfg)
     print(f"labels OK: {r['rows']} rows recomputed, mean KL {r['mean_kl']:.3g} <= tolerance {r['tolerance']:.3g}")
 
 
+def cmd_distill(cfg: Config, args) -> None:
+    from dd_dist.pipeline import distill_stage
+
+    print(f"student saved to {distill_stage(cfg)}")
+
+
 def cmd_evaluate(cfg: Config, args) -> None:
-    from dd_dist.evaluate import evaluate, results_path
+    from dd_dist.evaluate import evaluate
 
     evaluate(cfg)
-    print(f"results written to {results_path(cfg)}")
 
 
 def cmd_compare(cfg: Config, args) -> None:
     from dd_dist.compare import compare
 
-    print(compare(cfg, args.experiment, args.out))
+    print(compare(cfg, args.experiment))
 
 
 def cmd_pipeline(cfg: Config, args) -> None:
-    from dd_dist.pipeline import run_local
+    from dd_dist.pipeline import run_pipeline
 
-    run_local(cfg)
+    run_pipeline(cfg)
+    if args.command == "demo":
+        print("\nSee every run in the MLflow UI:  make mlflow-ui   (then open http://127.0.0.1:5000)")
 
 
 COMMANDS = {

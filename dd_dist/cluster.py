@@ -27,9 +27,10 @@ def ray_session(cfg: ClusterConfig):
         # A submitted job already carries its runtime env (make submit sets the same variables).
         ray.init(address=address)
     else:
-        # A local Ray: loopback only, no dashboard needed for a single run.
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": env})
+        # A local Ray: loopback only, no dashboard needed for a single run. More logical CPUs than
+        # cores, so that Ray Data's read tasks still run beside the training workers and label actors.
+        ray.init(num_cpus=cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
     try:
         yield
     finally:

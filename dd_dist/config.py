@@ -83,7 +83,7 @@ class EvalConfig(Section):
 
 class ClusterConfig(Section):
     address: str | None = None  # Ray address; None starts a local Ray on 127.0.0.1
-    num_cpus: int | None = None  # logical CPUs of a local Ray (more than cores keeps write tasks alive)
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local Ray; default: twice the cores, at least 4
     num_workers: int = Field(2, ge=1)  # Ray Train workers
     use_gpu: bool = False
     deepspeed: str = "configs/deepspeed/zero2.json"

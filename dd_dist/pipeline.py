@@ -1,10 +1,10 @@
-"""The stages wired together: teacher -> soft labels -> student -> evaluation.
-
-This is the single-process reference pipeline (one Python process, plain PyTorch loops).
+"""The stages wired together: teacher -> label -> distill -> evaluate, one MLflow run each,
+children of one pipeline run; plus the paths and splits every stage shares, and the
+single-process reference versions of the training stages (plain PyTorch, used by tests and
+benchmarks as the baseline of the distributed ones).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -12,8 +12,7 @@ import torch
 
 from dd_dist.config import Config
 from dd_dist.data import Split, augment, load_split
-from dd_dist.mc import mc_probs, standard_probs
-from dd_dist.metrics import classification_metrics
+from dd_dist.mc import mc_probs
 from dd_dist.models import build_model, init_student_from_teacher, load_model, model_spec, save_model
 from dd_dist.train import fit, offline_batches, online_batches, teacher_batches
 
@@ -76,29 +75,58 @@ def train_student(cfg: Config, soft_labels: torch.Tensor | None = None) -> Path:
     return student_path(cfg)
 
 
-def quick_evaluate(cfg: Config) -> dict[str, dict[str, float]]:
-    """Test metrics of standard dropout, MC dropout at the largest configured K, and the student."""
-    split = test_split(cfg)
-    x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
-    ids = torch.arange(len(split))
-    teacher, _ = load_model(teacher_path(cfg))
-    student, _ = load_model(student_path(cfg))
-    k = max(cfg.eval.ks)
-    return {
-        "standard": classification_metrics(standard_probs(teacher, x), y),
-        f"mc{k}": classification_metrics(mc_probs(teacher, x, ids, k, cfg.seed + 1), y),
-        "distilled": classification_metrics(standard_probs(student, x), y),
-    }
+def teacher_stage(cfg: Config, parent: str | None = None) -> Path:
+    """DeepSpeed on Ray Train, hard labels; the final model logged as an artifact."""
+    from dd_dist import tracking
+    from dd_dist.trainer import train
+
+    with tracking.stage_run(cfg, "teacher", parent) as run:
+        path, _ = train(cfg, "teacher", run)
+        tracking.log_model_file(path, run)
+    return path
 
 
-def run_local(cfg: Config) -> dict[str, dict[str, float]]:
-    """All stages in this process; prints the test errors and writes run_dir/results.json."""
-    start = time.perf_counter()
-    train_teacher(cfg)
-    train_student(cfg)
-    results = quick_evaluate(cfg)
-    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nTest error on {cfg.data.name} ({cfg.model.arch}, {time.perf_counter() - start:.0f} s):")
-    for method, m in results.items():
-        print(f"  {method:<10} error {100 * m['error']:.2f} %   nll {m['nll']:.4f}")
-    return results
+def label_stage(cfg: Config, parent: str | None = None) -> Path:
+    from dd_dist import tracking
+    from dd_dist.labels import run_label
+
+    with tracking.stage_run(cfg, "label", parent) as run:
+        began = time.perf_counter()
+        out = run_label(cfg)
+        tracking.log_metrics({"label_seconds": time.perf_counter() - began}, run_id=run)
+        tracking.log_artifact(out / "manifest.json", run_id=run)
+    return out
+
+
+def distill_stage(cfg: Config, parent: str | None = None) -> Path:
+    from dd_dist import tracking
+    from dd_dist.trainer import train
+
+    with tracking.stage_run(cfg, "distill", parent, mode=cfg.distill.mode) as run:
+        path, _ = train(cfg, "student", run)
+        tracking.log_model_file(path, run)
+    return path
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """Every stage in one Ray session and one MLflow parent run; prints the comparison at the end."""
+    from dd_dist import tracking
+    from dd_dist.cluster import ray_session
+    from dd_dist.compare import compare
+    from dd_dist.evaluate import evaluate
+
+    began, seconds = time.perf_counter(), {}
+    with ray_session(cfg.cluster), tracking.pipeline_run(cfg) as parent:
+        stages = [("teacher", teacher_stage), ("label", label_stage), ("distill", distill_stage),
+                  ("evaluate", evaluate)]
+        for name, stage in stages:
+            if name == "label" and cfg.distill.mode == "online":
+                continue  # Algorithm 2 needs no stored labels
+            started = time.perf_counter()
+            stage(cfg, parent)
+            seconds[f"{name}_seconds"] = time.perf_counter() - started
+        tracking.log_metrics({**seconds, "total_seconds": time.perf_counter() - began}, run_id=parent)
+    print("\n" + compare(cfg))
+    print(f"pipeline finished in {time.perf_counter() - began:.0f} s: " +
+          ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in seconds.items()))
+    return seconds

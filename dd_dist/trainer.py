@@ -44,14 +44,18 @@ def load_deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-def train(cfg: Config, stage: str) -> tuple[Path, list[dict]]:
-    """Train the teacher (hard labels, cross-entropy) or the student (soft labels, KL)."""
+def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, list[dict]]:
+    """Train the teacher (hard labels, cross-entropy) or the student (soft labels, KL).
+
+    Rank 0 logs each epoch's metrics to the MLflow run `run_id` when one is given.
+    """
     import ray
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig  # noqa: F401
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dd_dist.cluster import ray_session
     from dd_dist.pipeline import teacher_path, train_split
+    from dd_dist.tracking import tracking_uri
 
     opt = cfg.teacher if stage == "teacher" else cfg.distill
     workers = cfg.cluster.num_workers
@@ -70,7 +74,9 @@ def train(cfg: Config, stage: str) -> tuple[Path, list[dict]]:
     out = stage_dir(cfg, stage)
     out.mkdir(parents=True, exist_ok=True)
     (out / HISTORY).unlink(missing_ok=True)
-    loop_config = {"cfg": cfg.model_dump(), "stage": stage, "ds": ds_config, "out": str(out)}
+    # The store's URI as the driver resolves it: a relative SQLite path means the driver's directory.
+    tracking = {"run_id": run_id, "uri": tracking_uri(cfg.tracking)}
+    loop_config = {"cfg": cfg.model_dump(), "stage": stage, "ds": ds_config, "out": str(out), "tracking": tracking}
     with ray_session(cfg.cluster):
         if stage == "student" and cfg.distill.mode == "offline":
             datasets["labels"] = ray.data.read_parquet(str(labels / "train"))
@@ -131,7 +137,8 @@ def _train_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag="ds")
         start_epoch, step = client["epoch"] + 1, client["step"]
-    _record(out, rank, {"event": "start", "start_epoch": start_epoch + 1, "world": world})
+    log = _epoch_logger(cfg, out, rank, config["tracking"])
+    log({"event": "start", "start_epoch": start_epoch + 1, "world": world})
 
     local_batch = opt.batch_size // world
     loss_fn, device = loss_for(stage), engine.device
@@ -163,25 +170,37 @@ def _train_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "step": step})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        _record(out, rank, {"event": "epoch", "stage": stage, "epochs": opt.epochs, **metrics})
+        log({"event": "epoch", "stage": stage, "epochs": opt.epochs, **metrics})
     if rank == 0:
         from dd_dist.models import save_model
 
         save_model(out / "model.pt", engine.module, spec, {"data_fingerprint": split.fingerprint, "stage": stage})
 
 
-def _record(out: Path, rank: int, row: dict) -> None:
-    """Rank 0 appends to the stage's history (read by the driver, kept across restarts) and prints progress."""
-    if rank != 0:
-        return
-    with open(out / HISTORY, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if row["event"] == "epoch":
-        from dd_dist.train import print_epoch
+def _epoch_logger(cfg: Config, out: Path, rank: int, tracking: dict):
+    """Rank 0 appends to the stage's history (read by the driver, kept across restarts), prints
+    progress and logs the epoch to MLflow; the other ranks stay silent."""
+    from dd_dist import tracking as mlflow_tracking
+    from dd_dist.train import print_epoch
 
+    if rank == 0 and tracking["run_id"]:
+        mlflow_tracking.use_store(cfg.tracking.model_copy(update={"uri": tracking["uri"]}))
+
+    def log(row: dict) -> None:
+        if rank != 0:
+            return
+        with open(out / HISTORY, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["event"] == "start":
+            if row["start_epoch"] > 1:
+                print(f"resuming from the checkpoint of epoch {row['start_epoch'] - 1}", flush=True)
+            return
         print_epoch(row)
-    elif row["start_epoch"] > 1:
-        print(f"resuming from the checkpoint of epoch {row['start_epoch'] - 1}", flush=True)
+        if tracking["run_id"]:
+            metrics = {k: row[k] for k in ("loss", "lr", "samples_per_s", "epoch_seconds")}
+            mlflow_tracking.log_metrics(metrics, step=row["epoch"], run_id=tracking["run_id"])
+
+    return log
 
 
 def _build_stage(cfg: Config, stage: str):
