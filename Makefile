@@ -27,11 +27,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The MLflow UI over the default store, on loopback only.
-MLFLOW_PORT ?= 5000
+# The MLflow UI over the default store, on loopback only (STORE, HOST, PORT override).
 mlflow-ui: setup
-	@echo "MLflow UI on http://127.0.0.1:$(MLFLOW_PORT) (Ctrl-C stops it)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	bash launch/mlflow_ui.sh
 
 fashion-mnist:
 	bash launch/fetch_fashion_mnist.sh data/fashion-mnist

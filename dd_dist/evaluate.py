@@ -47,11 +47,14 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
                    "threads": torch.get_num_threads(), "ece_bins": e.ece_bins, "methods": {}, "notes": []}
         steps = 1 + len(e.ks) * e.repeats + (student is not None)
         with tqdm(total=steps, desc="evaluate", unit="pass") as bar:
-            results["methods"]["standard"] = _score(lambda x, ids: standard_probs(teacher, x), split, e, 1, bar)
+            # One-pass methods are timed as often as MC runs seeds, so each latency is a mean of as many runs.
+            results["methods"]["standard"] = _score(lambda x, ids: standard_probs(teacher, x), split, e, 1, bar,
+                                                    timings=e.repeats)
             for k in e.ks:
                 results["methods"][f"mc{k}"] = _score_mc(teacher, split, cfg, k, bar)
             if student is not None:
-                results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1, bar)
+                results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1,
+                                                         bar, timings=e.repeats)
             else:
                 results["notes"].append(f"no student at {student_path(cfg)}: distilled skipped")
         write_json(results_path(cfg), results)
@@ -74,6 +77,8 @@ def mlflow_metrics(results: dict) -> dict[str, float]:
                 out[f"{method}/{key}_mean"], out[f"{method}/{key}_std"] = m[f"{key}_mean"], m[f"{key}_std"]
             else:
                 out[f"{method}/{key}"] = m[key]
+        if not method.startswith("mc"):
+            out[f"{method}/latency_ms_std"] = m["latency_ms_std"]
         out[f"{method}/forward_passes"] = m["forward_passes"]
     return out
 
@@ -91,13 +96,16 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True) -> dict:
-    probs, seconds = _timed_predict(predict, split, e.batch_size, warm_up)
-    labels = torch.from_numpy(split.y)
+def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True, timings: int = 1) -> dict:
+    """Quality of one prediction of the split; its speed from `timings` timed runs (mean, std)."""
+    runs = [_timed_predict(predict, split, e.batch_size, warm_up and i == 0) for i in range(timings)]
+    probs, labels = runs[0][0], torch.from_numpy(split.y)
+    latency = [1000 * seconds / len(split) for _, seconds in runs]
     bar.update()
-    bar.set_postfix(images_per_s=f"{len(split) / seconds:.0f}")
-    return {**classification_metrics(probs, labels, e.ece_bins), "latency_ms": 1000 * seconds / len(split),
-            "images_per_s": len(split) / seconds, "forward_passes": passes,
+    bar.set_postfix(images_per_s=f"{1000 / latency[0]:.0f}")
+    return {**classification_metrics(probs, labels, e.ece_bins), "latency_ms": statistics.fmean(latency),
+            "latency_ms_std": statistics.stdev(latency) if timings > 1 else 0.0,
+            "images_per_s": 1000 / statistics.fmean(latency), "forward_passes": passes,
             "reliability": reliability_bins(probs, labels, e.ece_bins)}
 
 

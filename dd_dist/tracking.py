@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -115,9 +115,10 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None, **tags)
         raise
     finally:
         if run_id:
-            _flush_pending()
-            # end_run pops the run before it calls the server, so a failure here leaves no stale run.
-            _attempt(f"ending the {stage} run", mlflow.end_run, status)
+            with _brief_requests() if _offline else nullcontext():
+                _flush_pending()
+                # end_run pops the run before it calls the server, so a failure here leaves no stale run.
+                _attempt(f"ending the {stage} run", mlflow.end_run, status)
 
 
 def pipeline_run(cfg: Config, **tags):
@@ -181,6 +182,21 @@ def _flush_pending() -> None:
         print(f"dd-dist: warning: {sum(len(b) for _, b in _pending)} buffered metric values were not logged",
               file=sys.stderr, flush=True)
         _pending.clear()
+
+
+@contextmanager
+def _brief_requests():
+    """One try with a 1 s timeout: how a stage wraps up with a server it already found unreachable."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _attempt(what: str, call: Callable, *args, **kwargs) -> tuple[bool, Any]:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# `make mlflow-ui`: the MLflow UI over the project's default store, bound to loopback only.
+# STORE, HOST and PORT may be overridden from the environment, e.g. `PORT=5001 make mlflow-ui`.
+set -euo pipefail
+STORE="${STORE:-sqlite:///mlruns.db}"
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-5000}"
+MLFLOW="${MLFLOW:-$(dirname "$0")/../.venv/bin/mlflow}"
+export MLFLOW_DISABLE_TELEMETRY=true
+echo "MLflow UI: http://$HOST:$PORT  (store $STORE; Ctrl-C stops it)"
+exec "$MLFLOW" ui --backend-store-uri "$STORE" --host "$HOST" --port "$PORT"

@@ -1,0 +1,155 @@
+"""`evaluate` on tiny synthetic models: every method and K, numbers that agree with the method, MLflow."""
+import json
+import shutil
+
+import mlflow
+import pytest
+import torch
+
+from dd_dist.cli import main
+from dd_dist.compare import compare
+from dd_dist.config import load_config
+from dd_dist.data import row_rng_seed
+from dd_dist.errors import UserError
+from dd_dist.evaluate import EVAL_SEED_SALT, evaluate, results_path
+from dd_dist.mc import mc_probs, standard_probs
+from dd_dist.metrics import classification_metrics
+from dd_dist.models import build_model, load_model, model_spec, save_model
+from dd_dist import pipeline  # not `from ... import test_split`: pytest would collect it
+from dd_dist.pipeline import student_path, teacher_path, train_student, train_teacher
+
+KS = [1, 2, 50]
+REPEATS = 3
+
+
+def tiny_config(run_dir, uri, *more):
+    return load_config(None, [
+        "data.name=synthetic", "model.arch=mlp", f"run_dir={run_dir}", f"tracking.uri={uri}",
+        "tracking.experiment=test-evaluate", "teacher.epochs=3", "teacher.lr=0.01", "teacher.lr_steps=[2]",
+        "distill.epochs=2", "distill.lr_steps=[1]", "label.k=10", f"eval.ks={KS}", f"eval.repeats={REPEATS}",
+        "eval.batch_size=100", *more])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A teacher and a distilled student on the synthetic data, evaluated once."""
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_config(root / "run", f"sqlite:///{root}/mlruns.db")
+    train_teacher(cfg)
+    train_student(cfg)
+    return cfg, evaluate(cfg)
+
+
+def test_results_hold_every_method_and_k(trained):
+    cfg, results = trained
+    on_disk = json.loads(results_path(cfg).read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert list(results["methods"]) == ["standard", "mc1", "mc2", "mc50", "distilled"]
+    assert on_disk["test_images"] == 256 and on_disk["notes"] == []
+    for name, m in on_disk["methods"].items():
+        reliability = m["reliability"]
+        assert len(reliability["count"]) == 15 and sum(reliability["count"]) == 256
+        assert m["forward_passes"] == (int(name[2:]) if name.startswith("mc") else 1)
+        suffix = "_mean" if name.startswith("mc") else ""
+        assert 0 <= m[f"error{suffix}"] <= 1 and m[f"nll{suffix}"] > 0 and m[f"latency_ms{suffix}"] > 0
+        if not suffix:  # MC reports the mean over seeds of each, which are not reciprocal
+            assert m["images_per_s"] == pytest.approx(1000 / m["latency_ms"])
+
+
+def test_standard_and_distilled_are_the_weight_scaled_models(trained):
+    cfg, results = trained
+    split = pipeline.test_split(cfg)
+    x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+    for method, path in (("standard", teacher_path(cfg)), ("distilled", student_path(cfg))):
+        expected = classification_metrics(standard_probs(load_model(path)[0], x), y)
+        assert {k: results["methods"][method][k] for k in expected} == pytest.approx(expected)
+
+
+def test_mc_numbers_follow_the_method(trained):
+    cfg, results = trained
+    mc1, mc50 = results["methods"]["mc1"], results["methods"]["mc50"]
+    # Each seed's number is that seed's MC prediction, reproducible from (seed, repeat).
+    split = pipeline.test_split(cfg)
+    x, y, ids = torch.from_numpy(split.x), torch.from_numpy(split.y), torch.arange(len(split))
+    teacher = load_model(teacher_path(cfg))[0]
+    repeat = REPEATS - 1
+    probs = mc_probs(teacher, x, ids, 50, row_rng_seed(cfg.seed, EVAL_SEED_SALT, repeat))
+    assert mc50["nll_per_seed"][repeat] == pytest.approx(classification_metrics(probs, y)["nll"])
+    # One mask is noisy: seeds disagree. Fifty masks agree much more closely.
+    assert mc1["error_std"] > 0 and mc1["nll_std"] > 0
+    assert mc50["nll_std"] < mc1["nll_std"] / 3
+    # Averaging probabilities over more masks lowers the NLL (Jensen), towards the K -> infinity limit.
+    assert mc50["nll_mean"] < results["methods"]["mc2"]["nll_mean"] < mc1["nll_mean"]
+    limit = classification_metrics(mc_probs(teacher, x, ids, 400, seed=12345), y)
+    assert abs(mc50["nll_mean"] - limit["nll"]) < abs(mc1["nll_mean"] - limit["nll"]) / 5
+    assert abs(mc50["error_mean"] - limit["error"]) < 0.03
+
+
+def test_metrics_and_artifact_in_the_mlflow_store(trained):
+    cfg, results = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    [run] = mlflow.search_runs(experiment_names=["test-evaluate"], filter_string="tags.stage = 'evaluate'",
+                               output_format="list")
+    metrics, m = run.data.metrics, results["methods"]
+    assert metrics["standard/error"] == pytest.approx(m["standard"]["error"])
+    assert metrics["distilled/nll"] == pytest.approx(m["distilled"]["nll"])
+    for k in KS:
+        assert metrics[f"mc{k}/error_mean"] == pytest.approx(m[f"mc{k}"]["error_mean"])
+        assert metrics[f"mc{k}/error_std"] == pytest.approx(m[f"mc{k}"]["error_std"])
+        assert metrics[f"mc{k}/ece_mean"] == pytest.approx(m[f"mc{k}"]["ece_mean"])
+    assert metrics["test_images"] == 256
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset"] == "synthetic" and run.data.tags["arch"] == "mlp"
+    assert run.data.params["eval.repeats"] == str(REPEATS)
+    curve = mlflow.MlflowClient().get_metric_history(run.info.run_id, "mc_curve/error_mean")
+    assert sorted(p.step for p in curve) == KS
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"results.json", "config.yaml"} <= artifacts
+
+
+def test_missing_student_is_skipped_with_a_note(trained, tmp_path):
+    cfg, _ = trained
+    cfg2 = tiny_config(tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db", "eval.ks=[3]", "eval.repeats=1")
+    shutil.copytree(teacher_path(cfg).parent, teacher_path(cfg2).parent)
+    results = evaluate(cfg2)
+    assert list(results["methods"]) == ["standard", "mc3"]
+    assert results["methods"]["mc3"]["error_std"] == 0.0
+    assert "distilled skipped" in results["notes"][0]
+
+
+def test_user_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["evaluate", "data.name=synthetic", "model.arch=mlp", f"run_dir={run_dir}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dd-dist evaluate: error: no teacher checkpoint at") and "\n" not in err
+    # A teacher built for other images: refused before anything is written or logged.
+    save_model(run_dir / "teacher" / "model.pt", build_model("mlp", (1, 28, 28), 10), model_spec("mlp", (1, 28, 28), 10, 0.5))
+    cfg = tiny_config(run_dir, f"sqlite:///{tmp_path}/mlruns.db")
+    with pytest.raises(UserError, match=r"takes \(1, 28, 28\) images with 10 classes.*\(1, 8, 8\) with 4"):
+        evaluate(cfg)
+    assert not (run_dir / "eval").exists()
+
+
+def test_compare_tabulates_the_store(trained, tmp_path):
+    cfg, results = trained
+    report = compare(cfg, out_dir=tmp_path)
+    m = results["methods"]
+    assert (f"| synthetic | mlp | 256 | {100 * m['standard']['error']:.2f} | {100 * m['mc50']['error_mean']:.2f} (50) | "
+            f"{100 * m['distilled']['error']:.2f} |") in report
+    assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| MC K=")] == \
+        ["MC K=1", "MC K=2", "MC K=50"]
+    assert (tmp_path / "compare.md").is_file() and len(list(tmp_path.glob("*.png"))) == 3
+
+
+def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys):
+    cfg, _ = trained
+    uri = cfg.tracking.uri
+    assert main(["compare", "--experiment", "no-such-experiment", f"tracking.uri={uri}", f"run_dir={tmp_path}"]) == 2
+    assert "no MLflow experiment named 'no-such-experiment'" in capsys.readouterr().err
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("empty")
+    assert main(["compare", "--experiment", "empty", f"tracking.uri={uri}", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dd-dist compare: error: MLflow experiment 'empty' has no finished evaluate runs: run `dd-dist evaluate` first"
+    assert not (tmp_path / "compare").exists()
