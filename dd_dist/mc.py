@@ -7,6 +7,7 @@ come from generators seeded by (seed, row id, layer) and read sample after sampl
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,9 +32,12 @@ def keep_masks(row_ids: list[int], layer: int, k: int, n: int, p: float, seed: i
     """(rows, k, n) boolean keep-masks of one dropout layer with n units; each unit is dropped with probability p.
 
     Drawing K*B*units random values is the cost of MC dropout, so a unit gets 8 random bits, not a
-    32-bit float (about 7x cheaper): dropped if its byte is below floor(256p), kept if above, and a
-    tie (probability 1/256) is settled by a float uniform from a second per-row stream, so p is exact.
+    32-bit float (~7x cheaper to draw; per-row generators also beat a vectorised counter hash 2x).
+    A unit is dropped if its byte is below floor(256p), kept if above, and a tie (probability 1/256)
+    is settled by a float uniform from a second per-row stream, so the drop probability is exactly p.
     """
+    if p == 0 or p == 1:  # nothing to draw (and 256p must fit in a byte below)
+        return torch.full((len(row_ids), k, n), p == 0)
     cut = math.floor(256 * p)
     tie_p = 256 * p - cut
     words = torch.empty(len(row_ids), -(-k * n // 8), dtype=torch.int64)
@@ -64,35 +68,30 @@ def _split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list
     return modules[:first], modules[first:]
 
 
-def _run(modules, h, row_ids: list[int], k: int, seed: int, expanded: bool, sample: int | None = None):
-    """Run modules with this code's masks (inverted dropout); the first dropout index is 0.
-
-    If not `expanded`, h holds one row per input and the first dropout broadcasts it to rows*k samples
-    (cheaper than copying h k times and masking the copy). `sample` keeps only mask j of k (naive path).
-    """
-    layer = 0
+def _run(modules, h, masks, samples: int) -> torch.Tensor:
+    """Run modules with inverted dropout, masks(layer, units, p) giving the (rows, samples, units)
+    keep-masks of the layer-th dropout. h has one row per input until the first dropout broadcasts it
+    to rows*samples rows: cheaper than copying h for each sample and then masking the copy."""
+    layer, expanded = 0, False
     for module in modules:
         if not isinstance(module, nn.Dropout):
             h = module(h)
             continue
-        p, shape = module.p, h.shape[1:]
-        if p > 0:
-            keep = keep_masks(row_ids, layer, k, shape.numel(), p, seed).to(h.device)
-            if sample is not None:
-                keep = keep[:, sample : sample + 1]
-            scale = 1 / (1 - p) if p < 1 else 0.0
-            if expanded:
-                h = (h * keep.view(h.shape)).mul_(scale)
-            else:
-                h = ((h * scale).view(len(row_ids), 1, -1) * keep).view(-1, *shape)
-        elif not expanded:
-            h = h.repeat_interleave(k, dim=0)
-        expanded, layer = True, layer + 1
-    return h if expanded else h.repeat_interleave(k, dim=0)
+        shape = h.shape[1:]
+        keep = masks(layer, shape.numel(), module.p).to(h.device)
+        scale = 1 / (1 - module.p) if module.p < 1 else 0.0
+        if expanded:
+            h = (h * keep.view(h.shape)).mul_(scale)
+        else:
+            h = ((h * scale).reshape(len(h), 1, -1) * keep).view(-1, *shape)
+            if h.dim() == 4:  # channels-last convolutions and pools on CPU: ~1.3x on lenet_all / allconv
+                h = h.contiguous(memory_format=torch.channels_last)
+        layer, expanded = layer + 1, True
+    return h if expanded else h.repeat_interleave(samples, dim=0)
 
 
 def _widest(modules, h1: torch.Tensor) -> int:
-    """Largest per-sample activation size among modules' outputs, from a one-row dry run."""
+    """Largest per-sample activation among h1 and the modules' outputs: a one-row dry run, dropout off."""
     widest = h1[0].numel()
     for module in modules:
         h1 = module(h1)
@@ -106,22 +105,28 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
 
     With return_stderr also each row's MC standard error: max over classes of std_k(prob) / sqrt(k)
     (unbiased std; 0 when k == 1). The modules before the first dropout run once per input (prefix
-    sharing); the rest runs on rows x k masks at once, in chunks of rows so that k * rows * (largest
-    activation) <= max_elems: tensors stay cache-sized and the allocator reuses them. Chunking does
-    not change the result.
+    sharing); the rest runs on rows x k samples at once, in chunks of rows with k * rows * (largest
+    activation) <= max_elems (at least one row), so tensors stay cache-sized and the allocator reuses
+    them. A row's k samples always run together, so chunking does not change the result.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     model.eval()  # batch norm and friends keep their inference behaviour; masks come from keep_masks
     ids = torch.as_tensor(row_ids).tolist()
+    if len(ids) != len(x):
+        raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
     prefix, rest = _split_at_first_dropout(model)
     means, errors = [], []
     with torch.inference_mode():
         h = nn.Sequential(*prefix)(x)
+        if not ids:  # an empty batch: nothing to sample, but the caller still gets (0, C)
+            out = nn.Sequential(*rest)(h)
+            return (out, out[:, 0]) if return_stderr else out
         chunk = max(1, max_elems // (k * _widest(rest, h[:1])))
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
-            logits = _run(rest, h[start : start + chunk], rows, k, seed, expanded=False)
+            masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed)  # noqa: E731
+            logits = _run(rest, h[start : start + chunk], masks, k)
             probs = F.softmax(logits, dim=1).view(len(rows), k, -1)
             means.append(probs.mean(1))
             if return_stderr:
@@ -134,10 +139,12 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
 def mc_probs_naive(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int) -> torch.Tensor:
     """The same masks as mc_probs, but k full forward passes in a Python loop: the test reference."""
     model.eval()
+    _split_at_first_dropout(model)  # the same structural check
     ids = torch.as_tensor(row_ids).tolist()
-    _split_at_first_dropout(model)  # same structural check
+    draw = functools.cache(lambda layer, n, p: keep_masks(ids, layer, k, n, p, seed))
     with torch.inference_mode():
-        return sum(F.softmax(_run(model, x, ids, k, seed, expanded=True, sample=j), dim=1) for j in range(k)) / k
+        passes = [_run(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1) for j in range(k)]
+        return sum(F.softmax(logits, dim=1) for logits in passes) / k
 
 
 def naive_mc_loop(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,7 +5,10 @@ Every model is a flat nn.Sequential so MC code can split it at its first dropout
 """
 from __future__ import annotations
 
+import math
 import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -13,71 +16,88 @@ import torch
 from torch import nn
 
 from dd_dist.errors import UserError
-from dd_dist.files import atomic_write
+from dd_dist.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: part of this module's API)
 
 
 def _w(units: int, width: float) -> int:
     return max(1, round(units * width))
 
 
-def mlp(c, h, w, classes, p, width):
+def _units_out(layers: list[nn.Module], in_shape) -> int:
+    """Units a stack of layers outputs for one input: a dry run, so the classifier always fits it.
+    (No .eval() here: it would leave the new model's modules in eval mode while the model says train.)"""
+    with torch.no_grad():
+        return nn.Sequential(*layers)(torch.zeros(1, *in_shape)).numel()
+
+
+def mlp(in_shape, classes, p, width):
     """Wang & Manning's 784-800-800-10 with dropout after each hidden layer."""
     n = _w(800, width)
-    return [nn.Flatten(), nn.Linear(c * h * w, n), nn.ReLU(), nn.Dropout(p),
+    return [nn.Flatten(), nn.Linear(math.prod(in_shape), n), nn.ReLU(), nn.Dropout(p),
             nn.Linear(n, n), nn.ReLU(), nn.Dropout(p), nn.Linear(n, classes)]
 
 
-def _lenet(c, h, w, classes, p, width, every_layer: bool):
+def _lenet(in_shape, classes, p, width, every_layer: bool):
     c1, c2, f = _w(20, width), _w(50, width), _w(500, width)
-    flat = c2 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)  # two valid 5x5 convs, two 2x2 pools
-    drop = (lambda: [nn.Dropout(p)]) if every_layer else (lambda: [])
-    return [nn.Conv2d(c, c1, 5), nn.MaxPool2d(2), *drop(), nn.Conv2d(c1, c2, 5), nn.MaxPool2d(2), *drop(),
-            nn.Flatten(), nn.Linear(flat, f), nn.ReLU(), nn.Dropout(p), nn.Linear(f, classes)]
+    drop = [nn.Dropout(p)] if every_layer else []
+    features = [nn.Conv2d(in_shape[0], c1, 5), nn.MaxPool2d(2), *drop,
+                nn.Conv2d(c1, c2, 5), nn.MaxPool2d(2), *[nn.Dropout(p) for _ in drop], nn.Flatten()]
+    return [*features, nn.Linear(_units_out(features, in_shape), f), nn.ReLU(), nn.Dropout(p), nn.Linear(f, classes)]
 
 
-def lenet(c, h, w, classes, p, width):
+def lenet(in_shape, classes, p, width):
     """Caffe LeNet; dropout only before the last layer."""
-    return _lenet(c, h, w, classes, p, width, every_layer=False)
+    return _lenet(in_shape, classes, p, width, every_layer=False)
 
 
-def lenet_all(c, h, w, classes, p, width):
+def lenet_all(in_shape, classes, p, width):
     """LeNet with dropout after every layer (the paper's LeNetAll)."""
-    return _lenet(c, h, w, classes, p, width, every_layer=True)
+    return _lenet(in_shape, classes, p, width, every_layer=True)
 
 
-def cifar_quick(c, h, w, classes, p, width):
-    """Caffe cifar10_quick, with dropout after each conv block and before the classifier."""
+def cifar_quick(in_shape, classes, p, width):
+    """Caffe cifar10_quick (ceil-mode pools as in Caffe; no ReLU between ip1 and ip2, as there).
+
+    Caffe's file has no dropout; we add it after each of the three conv blocks as well as before the
+    classifier, so that there is an ensemble worth distilling, as in the paper's Quick-with-dropout net.
+    """
     a, b, f = _w(32, width), _w(64, width), _w(64, width)
-    side = h
-    for _ in range(3):
-        side = -(-(side - 3) // 2) + 1  # ceil-mode 3/2 pooling, as Caffe does
-    return [nn.Conv2d(c, a, 5, padding=2), nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(), nn.Dropout(p),
-            nn.Conv2d(a, a, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
-            nn.Conv2d(a, b, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
-            nn.Flatten(), nn.Linear(b * side * side, f), nn.Dropout(p), nn.Linear(f, classes)]
+    features = [nn.Conv2d(in_shape[0], a, 5, padding=2), nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(), nn.Dropout(p),
+                nn.Conv2d(a, a, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
+                nn.Conv2d(a, b, 5, padding=2), nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
+                nn.Flatten()]
+    return [*features, nn.Linear(_units_out(features, in_shape), f), nn.Dropout(p), nn.Linear(f, classes)]
 
 
-def _conv_relu(cin, cout, k, stride=1):
-    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2), nn.ReLU()]
+def _conv_relu(cin, cout, k, stride=1, padding=None):
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding), nn.ReLU()]
 
 
-def nin(c, h, w, classes, p, width):
-    """Network in Network for CIFAR: three mlpconv blocks, dropout after the first two, global pooling."""
+def nin(in_shape, classes, p, width):
+    """Network in Network for CIFAR: three mlpconv blocks, dropout after the first two, global average pool.
+
+    The last 1x1 conv keeps its ReLU, as in the Caffe model: the pooled class maps are the logits.
+    """
     a, b, d = _w(192, width), _w(160, width), _w(96, width)
-    return [*_conv_relu(c, a, 5), *_conv_relu(a, b, 1), *_conv_relu(b, d, 1),
+    return [*_conv_relu(in_shape[0], a, 5), *_conv_relu(a, b, 1), *_conv_relu(b, d, 1),
             nn.MaxPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
             *_conv_relu(d, a, 5), *_conv_relu(a, a, 1), *_conv_relu(a, a, 1),
             nn.AvgPool2d(3, 2, ceil_mode=True), nn.Dropout(p),
-            *_conv_relu(a, a, 3), *_conv_relu(a, a, 1), nn.Conv2d(a, classes, 1),
+            *_conv_relu(a, a, 3), *_conv_relu(a, a, 1), *_conv_relu(a, classes, 1),
             nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
 
-def allconv(c, h, w, classes, p, width):
-    """All-CNN-C: input dropout 0.2, strided convolutions instead of pooling, global pooling."""
+def allconv(in_shape, classes, p, width):
+    """All-CNN-C: dropout 0.2 on the input, strided convolutions instead of pooling, global average pool.
+
+    As in Springenberg et al.'s table, the 3x3 conv after the second block is unpadded and every conv,
+    the last 1x1 included, has a ReLU.
+    """
     a, b = _w(96, width), _w(192, width)
-    return [nn.Dropout(0.2), *_conv_relu(c, a, 3), *_conv_relu(a, a, 3), *_conv_relu(a, a, 3, 2), nn.Dropout(p),
+    return [nn.Dropout(0.2), *_conv_relu(in_shape[0], a, 3), *_conv_relu(a, a, 3), *_conv_relu(a, a, 3, 2),
+            nn.Dropout(p),
             *_conv_relu(a, b, 3), *_conv_relu(b, b, 3), *_conv_relu(b, b, 3, 2), nn.Dropout(p),
-            nn.Conv2d(b, b, 3), nn.ReLU(), *_conv_relu(b, b, 1), nn.Conv2d(b, classes, 1),
+            *_conv_relu(b, b, 3, padding=0), *_conv_relu(b, b, 1), *_conv_relu(b, classes, 1),
             nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
 
@@ -85,18 +105,24 @@ ARCHS: dict[str, Callable] = {f.__name__: f for f in (mlp, lenet, lenet_all, cif
 
 
 def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1.0) -> dict:
-    return {"arch": arch, "in_shape": list(in_shape), "num_classes": int(num_classes), "p": float(p), "width": float(width)}
+    """The plain-data description stored in checkpoints: build_model(**spec) rebuilds the net."""
+    return {"arch": arch, "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
+            "p": float(p), "width": float(width)}
 
 
 def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: float = 1.0) -> nn.Sequential:
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHS)})")
-    if width <= 0:
+    if not width > 0:
         raise UserError(f"model width must be > 0 (got {width})")
-    model = nn.Sequential(*ARCHS[arch](*in_shape, num_classes, p, width))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *in_shape))
+    if not 0 <= p < 1:
+        raise UserError(f"dropout p must be in [0, 1) (got {p})")
+    if len(in_shape) != 3 or min(in_shape) < 1 or num_classes < 1:
+        raise UserError(f"input shape must be (channels, height, width) and classes >= 1 "
+                        f"(got {tuple(in_shape)}, {num_classes})")
+    try:  # too small an input fails in a dry run, inside the builder or after it
+        model = nn.Sequential(*ARCHS[arch](tuple(in_shape), num_classes, p, width))
+        _units_out(list(model), in_shape)
     except RuntimeError:
         raise UserError(f"architecture {arch} cannot take inputs of shape {tuple(in_shape)}") from None
     return model
@@ -114,9 +140,13 @@ def read_checkpoint(path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found or not a file: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint {path} refused: it is not plain weights ({str(e).splitlines()[0][:120]})") from None
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn before it refuses: one line is enough
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's first line is advice to load unsafely: name the culprit instead
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would import {found[1]}" if found else "unsupported pickle content"
+        raise UserError(f"checkpoint {path} refused: it is not plain weights ({what})") from None
     except Exception as e:  # zip/EOF errors of a truncated or foreign file
         raise UserError(f"checkpoint {path} is unreadable: {type(e).__name__}") from None
     if not isinstance(ckpt, dict) or "spec" not in ckpt or "state_dict" not in ckpt:
@@ -127,7 +157,10 @@ def read_checkpoint(path) -> dict:
 def load_model(path) -> tuple[nn.Sequential, dict]:
     ckpt = read_checkpoint(path)
     spec = ckpt["spec"]
-    model = build_model(**spec)
+    try:
+        model = build_model(**spec)
+    except TypeError:
+        raise UserError(f"checkpoint {path} has a malformed model spec: {spec!r:.200}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError:

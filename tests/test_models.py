@@ -1,4 +1,5 @@
-"""Architectures and checkpoints: shapes, real dropout modules, weights-only loading."""
+"""Architectures and checkpoints: shapes, real dropout modules, width, weights-only loading, student init."""
+import hashlib
 import pickle
 
 import pytest
@@ -6,83 +7,151 @@ import torch
 from torch import nn
 
 from dd_dist.errors import UserError
-from dd_dist.models import ARCHS, build_model, init_student_from_teacher, load_model, model_spec, save_model
+from dd_dist.models import (ARCHS, build_model, file_sha256, init_student_from_teacher, load_model, model_spec,
+                            save_model)
+
+MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def dropout_positions(model):
+    return [i for i, m in enumerate(model) if isinstance(m, nn.Dropout)]
 
 
 @pytest.mark.parametrize("arch, shape, classes", [
-    ("mlp", (1, 28, 28), 10), ("lenet", (1, 28, 28), 10), ("lenet_all", (1, 28, 28), 10),
-    ("cifar_quick", (3, 32, 32), 10), ("nin", (3, 32, 32), 100), ("allconv", (3, 32, 32), 100),
+    ("mlp", MNIST, 10), ("lenet", MNIST, 10), ("lenet_all", MNIST, 10),
+    ("cifar_quick", CIFAR, 10), ("cifar_quick", CIFAR, 100), ("nin", CIFAR, 10), ("nin", CIFAR, 100),
+    ("allconv", CIFAR, 10), ("allconv", CIFAR, 100),
 ])
-def test_every_arch_builds_with_dropout_and_shrinks_with_width(arch, shape, classes):
+def test_every_arch_builds_with_real_dropout_and_shrinks_with_width(arch, shape, classes):
     model = build_model(arch, shape, classes, p=0.5)
-    assert model(torch.rand(2, *shape)).shape == (2, classes)
-    assert any(isinstance(m, nn.Dropout) for m in model)
+    assert isinstance(model, nn.Sequential) and model.training
+    assert model.eval()(torch.rand(3, *shape)).shape == (3, classes)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    assert dropouts and all(type(m) is nn.Dropout for m in dropouts)  # plain elementwise dropout, even on conv maps
     small = build_model(arch, shape, classes, p=0.5, width=0.5)
-    assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    assert small.eval()(torch.rand(2, *shape)).shape == (2, classes)  # the output layer keeps num_classes
+    assert n_params(small) < 0.6 * n_params(model)
 
 
-def test_lenet_has_dropout_only_before_the_last_layer():
-    modules = list(build_model("lenet", (1, 28, 28), 10))
-    assert [i for i, m in enumerate(modules) if isinstance(m, nn.Dropout)] == [len(modules) - 2]
-    assert sum(isinstance(m, nn.Dropout) for m in build_model("lenet_all", (1, 28, 28), 10)) == 3
+def test_dropout_placement_follows_the_paper():
+    lenet = build_model("lenet", MNIST, 10)
+    assert dropout_positions(lenet) == [len(lenet) - 2]  # only before the last layer
+    assert len(dropout_positions(build_model("lenet_all", MNIST, 10))) == 3
+    assert len(dropout_positions(build_model("mlp", MNIST, 10))) == 2
+    assert len(dropout_positions(build_model("nin", CIFAR, 10))) == 2
+    allconv = build_model("allconv", CIFAR, 10, p=0.4)
+    assert [allconv[i].p for i in dropout_positions(allconv)] == [0.2, 0.4, 0.4]  # input dropout is fixed at 0.2
+    quick = build_model("cifar_quick", CIFAR, 10, p=0.3)
+    assert len(dropout_positions(quick)) == 4 and quick[-2].p == 0.3
 
 
-def test_bad_models_are_one_line_errors():
-    with pytest.raises(UserError, match="unknown architecture 'vgg'"):
-        build_model("vgg", (1, 28, 28), 10)
-    with pytest.raises(UserError, match="width"):
-        build_model("lenet", (1, 28, 28), 10, width=0)
-    with pytest.raises(UserError, match="cannot take inputs"):
-        build_model("lenet", (1, 8, 8), 10)
+def test_width_scales_hidden_units_and_input_size_follows_the_shape():
+    mlp = build_model("mlp", (3, 8, 8), 5, width=0.25)
+    assert [m.out_features for m in mlp if isinstance(m, nn.Linear)] == [200, 200, 5]
+    assert mlp[1].in_features == 3 * 8 * 8
+    assert build_model("lenet", MNIST, 10, width=0.001)[0].out_channels == 1  # rounded, at least one unit
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(arch="vgg"), "unknown architecture 'vgg'"),
+    (dict(width=0), "width"), (dict(width=-1.0), "width"),
+    (dict(p=1.0), "dropout p"), (dict(p=-0.1), "dropout p"),
+    (dict(in_shape=(1, 8, 8)), "cannot take inputs"), (dict(arch="allconv", in_shape=(3, 4, 4)), "cannot take inputs"),
+    (dict(in_shape=(28, 28)), "input shape"),
+])
+def test_bad_models_are_one_line_user_errors(kwargs, match):
+    args = dict(arch="lenet", in_shape=MNIST, num_classes=10) | kwargs
+    with pytest.raises(UserError, match=match) as err:
+        build_model(**args)
+    assert "\n" not in str(err.value)
+
+
+def test_registry_names():
     assert set(ARCHS) == {"mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv"}
 
 
 def test_checkpoint_round_trip(tmp_path):
-    spec = model_spec("lenet", (1, 28, 28), 10, 0.5)
+    spec = model_spec("lenet_all", MNIST, 10, 0.5, width=0.5)
     model = build_model(**spec).eval()
-    save_model(tmp_path / "m" / "model.pt", model, spec, {"data_fingerprint": "abc"})
-    loaded, loaded_spec = load_model(tmp_path / "m" / "model.pt")
-    x = torch.rand(3, 1, 28, 28)
-    assert loaded_spec == spec and torch.equal(loaded(x), model(x))
-    assert [p.name for p in (tmp_path / "m").iterdir()] == ["model.pt"]  # no temp file left
-    assert torch.load(tmp_path / "m" / "model.pt", weights_only=True)["data_fingerprint"] == "abc"
+    save_model(tmp_path / "new" / "dir" / "model.pt", model, spec, {"data_fingerprint": "abc"})
+    loaded, loaded_spec = load_model(tmp_path / "new" / "dir" / "model.pt")
+    x = torch.rand(3, *MNIST)
+    assert loaded_spec == spec and not loaded.training
+    assert torch.equal(loaded(x), model(x))
+    assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["model.pt"]  # no temp file left behind
+    assert torch.load(tmp_path / "new" / "dir" / "model.pt", weights_only=True)["data_fingerprint"] == "abc"
 
 
 class Payload:
+    """Unpickling this runs code: it writes a marker file."""
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
-def test_checkpoint_with_pickle_payload_is_refused(tmp_path, monkeypatch):
+class Custom:
+    pass
+
+
+def test_checkpoints_carrying_pickled_code_are_refused_without_running_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"spec": {}, "state_dict": {}, "evil": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="not plain weights"):
-        load_model(tmp_path / "evil.pt")
-    assert not (tmp_path / "PWNED").exists()
+    torch.save({"spec": {}, "state_dict": {}, "obj": Custom()}, tmp_path / "custom.pt")
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(UserError):
-        load_model(tmp_path / "plain.pkl")
+    for name in ("evil.pt", "custom.pt", "plain.pkl"):
+        with pytest.raises(UserError, match="not plain weights") as err:
+            load_model(tmp_path / name)
+        assert "\n" not in str(err.value)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_missing_foreign_or_broken_checkpoints_are_user_errors(tmp_path):
     for bad in (tmp_path / "missing.pt", tmp_path):
         with pytest.raises(UserError, match="not found or not a file"):
             load_model(bad)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a dd-dist model"):
+        load_model(tmp_path / "foreign.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("junk.pt", "empty.pt"):
+        with pytest.raises(UserError, match="not plain weights|unreadable"):
+            load_model(tmp_path / name)
+    torch.save({"spec": {"arch": "lenet"}, "state_dict": {}}, tmp_path / "nospec.pt")
+    with pytest.raises(UserError, match="malformed model spec"):
+        load_model(tmp_path / "nospec.pt")
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    spec = model_spec("lenet", (1, 28, 28), 10, 0.5)
-    save_model(tmp_path / "a.pt", build_model(**model_spec("mlp", (1, 28, 28), 10, 0.5)), spec)
+def test_checkpoint_whose_weights_do_not_fit_its_architecture_is_refused(tmp_path):
+    spec = model_spec("lenet", MNIST, 10, 0.5)
+    save_model(tmp_path / "a.pt", build_model("mlp", MNIST, 10), spec)
     with pytest.raises(UserError, match="does not match"):
         load_model(tmp_path / "a.pt")
 
 
-def test_student_from_teacher_copies_or_reinitialises():
-    teacher = build_model("lenet", (1, 28, 28), 10)
-    same = build_model("lenet", (1, 28, 28), 10)
-    assert init_student_from_teacher(same, teacher) == []
-    x = torch.rand(2, 1, 28, 28)
-    assert torch.equal(same.eval()(x), teacher.eval()(x))
-    small = build_model("lenet", (1, 28, 28), 10, width=0.6)
-    reset = init_student_from_teacher(small, teacher)
-    assert {"0.weight", "5.weight", "8.weight"} <= set(reset) and "8.bias" not in reset  # same shape: copied
-    assert abs(small.state_dict()["5.weight"].std().item() - 0.01) < 0.001
-    assert small.state_dict()["5.bias"].abs().sum() == 0
+def test_student_of_the_same_architecture_copies_everything():
+    teacher, student = build_model("lenet_all", MNIST, 10), build_model("lenet_all", MNIST, 10)
+    assert init_student_from_teacher(student, teacher) == []
+    x = torch.rand(2, *MNIST)
+    assert torch.equal(student.eval()(x), teacher.eval()(x))
+
+
+def test_smaller_student_reinitialises_resized_layers():
+    torch.manual_seed(0)
+    teacher = build_model("lenet", MNIST, 10)
+    student = build_model("lenet", MNIST, 10, width=0.6)
+    reset = init_student_from_teacher(student, teacher)
+    # conv1, conv2 and ip1 have fewer units, ip2 fewer inputs; ip2's bias (10 classes) keeps its shape
+    assert {"0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias", "8.weight"} == set(reset)
+    state = student.state_dict()
+    assert torch.equal(state["8.bias"], teacher.state_dict()["8.bias"])
+    assert state["5.weight"].numel() > 100_000 and abs(state["5.weight"].std().item() - 0.01) < 0.0005
+    assert abs(state["5.weight"].mean().item()) < 0.0005 and not state["5.bias"].any()
+
+
+def test_file_sha256(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 3_000_000)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(b"x" * 3_000_000).hexdigest()
