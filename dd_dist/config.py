@@ -85,10 +85,14 @@ class ClusterConfig(Section):
     address: str | None = None  # Ray address; None starts a local Ray on 127.0.0.1
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local Ray; default: twice the cores, at least 4
     num_workers: int = Field(2, ge=1)  # Ray Train workers
+    cpus_per_worker: int = Field(1, ge=1)  # logical CPUs of each training worker, and its torch threads
     use_gpu: bool = False
     deepspeed: str = "configs/deepspeed/zero2.json"
     max_failures: int = Field(2, ge=0)
-    storage_path: str | None = None  # shared storage (NFS, s3://) for checkpoints; default run_dir
+    # Shared storage for what nodes exchange (teacher, label shards, Ray Train checkpoints): a local path,
+    # an NFS mount, s3:// or gs://. A run keeps them in <storage_path>/<run_dir name>; unset: in run_dir.
+    # A multi-node cluster on which a node cannot see it is refused (cluster.check_shared_storage).
+    storage_path: str | None = None
 
 
 class TrackingConfig(Section):

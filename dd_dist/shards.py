@@ -22,9 +22,7 @@ from dd_dist.files import atomic_write, file_sha256
 MANIFEST = "manifest.json"
 FORMAT = "dd-dist-labels/1"
 COMPRESSION = "zstd"
-
-
-SHARDS = "train"
+SHARDS = "train"  # the shards' folder: HF datasets names the split after it
 
 
 def shard_name(index: int) -> str:
@@ -75,18 +73,27 @@ def _column_matrix(column: pa.ChunkedArray) -> np.ndarray:
     return flat.values.to_numpy(zero_copy_only=False).reshape(len(flat), -1)
 
 
+def table_probs(table: pa.Table, num_classes: int) -> np.ndarray:
+    """Full float32 distributions (rows, num_classes) of a label table, top-k expanded."""
+    if "probs" in table.column_names:
+        return _column_matrix(table.column("probs")).astype(np.float32)
+    return rebuild_topk(_column_matrix(table.column("idx")), _column_matrix(table.column("val")),
+                        table.column("rest").to_numpy(), num_classes)
+
+
+def stored_probs(probs: np.ndarray, dtype: str, topk: int) -> np.ndarray:
+    """What `probs` read back as after storage in `dtype` (float16 rounding, top-k rebuild)."""
+    table = label_table(np.arange(len(probs)), probs, np.zeros(len(probs)), dtype, topk)
+    return table_probs(table, probs.shape[1])
+
+
 def read_shard(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, float32 probabilities (rows, num_classes)) of one shard."""
     try:
         table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
+        ids, probs = table.column("id").to_numpy(), table_probs(table, num_classes)
+    except (OSError, KeyError, ValueError, pa.ArrowException) as e:
         raise UserError(f"shard {path.name} is unreadable: {str(e).splitlines()[0][:100]}") from None
-    ids = table.column("id").to_numpy()
-    if "probs" in table.column_names:
-        probs = _column_matrix(table.column("probs")).astype(np.float32)
-    else:
-        probs = rebuild_topk(_column_matrix(table.column("idx")), _column_matrix(table.column("val")),
-                             table.column("rest").to_numpy(), num_classes)
     if probs.shape[1] != num_classes:
         raise UserError(f"shard {path.name} has {probs.shape[1]} classes, the manifest says {num_classes}")
     return ids, probs
@@ -100,6 +107,8 @@ def read_manifest(directory) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is not a {FORMAT} manifest (not a JSON object)")
     missing = [key for key in ("format", "teacher", "data", "augmentation", "k", "seed", "storage", "rows", "shards")
                if key not in manifest]
     if manifest.get("format") != FORMAT or missing:

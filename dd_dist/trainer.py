@@ -1,34 +1,35 @@
 """One trainer for teacher and student: DeepSpeed engines inside a Ray Train TorchTrainer.
 
-Batching: the teacher and the online student slice each global batch of a (seed, epoch)
-permutation across ranks, so N workers follow the same trajectory as one. The offline student
-reads its label shard through Ray Data (`get_dataset_shard`) and batches its own rows.
-Every epoch ends with a DeepSpeed checkpoint reported to Ray Train; a restarted worker group
-resumes from it (model, optimizer, epoch; the lr schedule and data order follow from the epoch).
+The driver checks everything a user can get wrong (DeepSpeed JSON, batch split, teacher, label
+manifest) before Ray Train starts, runs the worker group (dd_dist/trainer_worker.py) and copies
+the model that rank 0 exported into the final checkpoint to run_dir/<stage>/model.pt
+(pipeline.teacher_path / student_path). Going through the checkpoint keeps multi-node runs
+right: rank 0 may live on another machine than the driver, the checkpoint storage is shared.
 """
 from __future__ import annotations
 
+import datetime
 import json
-import os
-import tempfile
-import time
+import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from dd_dist.config import Config
+from dd_dist.config import Config, TrainConfig
 from dd_dist.errors import UserError
+from dd_dist.files import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
-HISTORY = "history.jsonl"
+HISTORY = "history.json"  # per-epoch metrics, carried from checkpoint to checkpoint by rank 0
+MODEL = "model.pt"
 
 
-def stage_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.run_dir).resolve() / stage
+def stage_options(cfg: Config, stage: str) -> TrainConfig:
+    if stage not in ("teacher", "student"):
+        raise ValueError(f"stage must be 'teacher' or 'student', not {stage!r}")
+    return cfg.teacher if stage == "teacher" else cfg.distill
 
 
 def load_deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed JSON at cluster.deepspeed (relative paths also from the repository root)."""
     path = Path(cfg.cluster.deepspeed)
     if not path.is_file() and (REPO / path).is_file():
         path = REPO / path
@@ -38,62 +39,95 @@ def load_deepspeed_config(cfg: Config) -> dict:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"DeepSpeed config {path} must be a JSON object")
     half = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")]
     if half and not cfg.cluster.use_gpu:
         raise UserError(f"DeepSpeed config {path} enables {half[0]}, which needs GPUs (cluster.use_gpu=true)")
+    if ds.get("zero_optimization", {}).get("stage", 0) > 2:
+        # ZeRO-3 partitions the weights themselves; the plain export below needs them whole on rank 0.
+        raise UserError(f"DeepSpeed config {path}: ZeRO stage 3 is not supported (use stage 0, 1 or 2)")
     return ds
 
 
 def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, list[dict]]:
-    """Train the teacher (hard labels, cross-entropy) or the student (soft labels, KL).
+    """Train the teacher (hard labels, cross-entropy) or the student (soft labels, KL) with
+    cluster.num_workers DeepSpeed workers; returns (pipeline.teacher_path / student_path, per-epoch metrics).
 
-    Rank 0 logs each epoch's metrics to the MLflow run `run_id` when one is given.
+    Each metrics row holds epoch, loss, lr, samples_per_s, epoch_seconds, setup_seconds,
+    threads, world and resumed_from (the epoch of the checkpoint its worker group started
+    from, 0 for a fresh start). Rank 0 also logs each epoch to the MLflow run `run_id`.
     """
     import ray
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig  # noqa: F401
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dd_dist.cluster import ray_session
-    from dd_dist.pipeline import teacher_path, train_split
+    from dd_dist.pipeline import student_path, teacher_path, train_split
     from dd_dist.tracking import tracking_uri
+    from dd_dist.trainer_worker import train_worker
 
-    opt = cfg.teacher if stage == "teacher" else cfg.distill
-    workers = cfg.cluster.num_workers
+    opt, workers = stage_options(cfg, stage), cfg.cluster.num_workers
     if opt.batch_size % workers:
         raise UserError(f"batch size {opt.batch_size} must be divisible by cluster.num_workers={workers}")
     ds_config = load_deepspeed_config(cfg)
     if opt.optimizer == "deepspeed" and "optimizer" not in ds_config:
         raise UserError(f"optimizer=deepspeed needs an 'optimizer' block in {cfg.cluster.deepspeed}")
     split = train_split(cfg)
-    datasets = {}
+    labels, label_seed = None, cfg.seed
     if stage == "student":
-        if not teacher_path(cfg).is_file():
-            raise UserError(f"no teacher at {teacher_path(cfg)}: run `dd-dist teacher` first")
+        _check_teacher(cfg, split)
         if cfg.distill.mode == "offline":
-            labels = _checked_labels(cfg, split)
-    out = stage_dir(cfg, stage)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / HISTORY).unlink(missing_ok=True)
+            labels, label_seed = _checked_labels(cfg, split)
+    out = (teacher_path if stage == "teacher" else student_path)(cfg)
     # The store's URI as the driver resolves it: a relative SQLite path means the driver's directory.
     tracking = {"run_id": run_id, "uri": tracking_uri(cfg.tracking)}
-    loop_config = {"cfg": cfg.model_dump(), "stage": stage, "ds": ds_config, "out": str(out), "tracking": tracking}
+    loop_config = {"cfg": cfg.model_dump(), "stage": stage, "ds": ds_config, "label_seed": label_seed,
+                   "tracking": tracking}
+    # A fresh name per call: Ray Train V2 would otherwise resume an earlier run of the same name,
+    # whatever its settings were. Restarts inside this run resume from its own checkpoints.
+    name = f"{Path(cfg.run_dir).name}-{stage}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+    storage = cfg.cluster.storage_path or str(Path(cfg.run_dir).resolve() / "ray_results")  # local, NFS or s3://
     with ray_session(cfg.cluster):
-        if stage == "student" and cfg.distill.mode == "offline":
-            datasets["labels"] = ray.data.read_parquet(str(labels / "train"))
+        datasets = {"labels": ray.data.read_parquet(str(labels / "train"))} if labels else None
         trainer = TorchTrainer(
-            _train_worker, train_loop_config=loop_config, datasets=datasets or None,
+            train_worker, train_loop_config=loop_config, datasets=datasets,
+            # Every worker reads ALL labels (they are small: N x classes) and takes its slice of each
+            # global batch, exactly as for the teacher: N workers then follow the trajectory of one,
+            # and a restarted group sees the same batches. A split dataset would tie rows to ranks.
+            dataset_config=DataConfig(datasets_to_split=[]),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu),
-            run_config=RunConfig(name=f"{Path(cfg.run_dir).name}-{stage}",
-                                 storage_path=cfg.cluster.storage_path or str(Path(cfg.run_dir).resolve() / "ray_results"),
-                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
+                                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
-        trainer.fit()
-    history = [json.loads(line) for line in (out / HISTORY).read_text().splitlines()]
-    return out / "model.pt", history
+        result = trainer.fit()
+    with result.checkpoint.as_directory() as final:
+        history = json.loads((Path(final) / HISTORY).read_text())
+        atomic_write(out, lambda tmp: shutil.copyfile(Path(final) / MODEL, tmp))
+    return out, history
 
 
-def _checked_labels(cfg: Config, split) -> Path:
+def _check_teacher(cfg: Config, split) -> None:
+    from dd_dist.models import read_checkpoint
+    from dd_dist.pipeline import teacher_path
+
+    path = teacher_path(cfg)
+    if not path.is_file():
+        raise UserError(f"no teacher at {path}: run `dd-dist teacher` first")
+    spec = read_checkpoint(path)["spec"]
+    if tuple(spec["in_shape"]) != split.in_shape or spec["num_classes"] != split.num_classes:
+        raise UserError(f"teacher {path} takes {spec['in_shape']} with {spec['num_classes']} classes, "
+                        f"the data has {list(split.in_shape)} with {split.num_classes}")
+    if cfg.distill.init == "teacher" and spec["arch"] != cfg.model.arch:
+        raise UserError(f"distill.init=teacher needs the teacher's architecture: teacher is {spec['arch']}, "
+                        f"model.arch is {cfg.model.arch}")
+
+
+def _checked_labels(cfg: Config, split) -> tuple[Path, int]:
+    """The label directory, checked against the configured data; and the seed its augmentation used."""
     from dd_dist.labels import labels_dir
     from dd_dist.shards import check_labels_match, check_shards, read_manifest
 
@@ -101,142 +135,7 @@ def _checked_labels(cfg: Config, split) -> Path:
     manifest = read_manifest(labels)
     check_labels_match(manifest, data_fingerprint=split.fingerprint, num_classes=split.num_classes,
                        zero_p=cfg.data.zero_p, flip_p=cfg.data.flip_p)
+    if manifest["rows"] != len(split):
+        raise UserError(f"labels in {labels} cover {manifest['rows']} rows, the training split has {len(split)}")
     check_shards(labels, manifest)
-    return labels
-
-
-# ----------------------------------------------------------------------------- inside each worker
-
-def _train_worker(config: dict) -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
-
-    from dd_dist.train import epoch_batches, loss_for, lr_at
-
-    cfg, stage, out = Config.model_validate(config["cfg"]), config["stage"], Path(config["out"])
-    opt = cfg.teacher if stage == "teacher" else cfg.distill
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    model, spec, batch_fn, split, own_ids = _build_stage(cfg, stage)
-
-    ds = dict(config["ds"], train_batch_size=opt.batch_size, train_micro_batch_size_per_gpu=opt.batch_size // world,
-              gradient_accumulation_steps=1)
-    if opt.optimizer == "deepspeed":
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    else:
-        sgd = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=ds)
-
-    start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-        start_epoch, step = client["epoch"] + 1, client["step"]
-    log = _epoch_logger(cfg, out, rank, config["tracking"])
-    log({"event": "start", "start_epoch": start_epoch + 1, "world": world})
-
-    local_batch = opt.batch_size // world
-    loss_fn, device = loss_for(stage), engine.device
-    for epoch in range(start_epoch, opt.epochs):
-        lr = lr_at(opt, epoch) if opt.optimizer != "deepspeed" else None
-        for group in optimizer.param_groups:
-            group["lr"] = lr if lr is not None else group["lr"]
-        engine.train()
-        if own_ids is None:  # global batches sliced across ranks: N workers == 1 worker
-            batches = [b[rank::world] for b in epoch_batches(np.arange(len(split)), opt.batch_size, cfg.seed, epoch)
-                       if len(b) >= world]
-        else:  # this rank's label shard, with an equal number of steps on every rank
-            batches = list(epoch_batches(own_ids, local_batch, cfg.seed + 7919 * rank, epoch))
-            n = torch.tensor(len(batches))
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            batches = batches[: int(n)]
-        total, seen, began = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
-        for ids in batches:
-            inputs, targets = batch_fn(ids, epoch, step)
-            loss = loss_fn(engine(inputs.to(device)), targets.to(device))
-            engine.backward(loss)
-            engine.step()
-            total += torch.tensor([loss.item() * len(ids), len(ids)], dtype=torch.float64)
-            seen, step = seen + len(ids), step + 1
-        dist.all_reduce(total)  # mean loss over every rank's rows
-        seconds = time.perf_counter() - began
-        metrics = {"epoch": epoch + 1, "loss": (total[0] / total[1]).item(), "lr": optimizer.param_groups[0]["lr"],
-                   "samples_per_s": total[1].item() / seconds, "epoch_seconds": seconds}
-        with tempfile.TemporaryDirectory() as d:
-            engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch, "step": step})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        log({"event": "epoch", "stage": stage, "epochs": opt.epochs, **metrics})
-    if rank == 0:
-        from dd_dist.models import save_model
-
-        save_model(out / "model.pt", engine.module, spec, {"data_fingerprint": split.fingerprint, "stage": stage})
-
-
-def _epoch_logger(cfg: Config, out: Path, rank: int, tracking: dict):
-    """Rank 0 appends to the stage's history (read by the driver, kept across restarts), prints
-    progress and logs the epoch to MLflow; the other ranks stay silent."""
-    from dd_dist import tracking as mlflow_tracking
-    from dd_dist.train import print_epoch
-
-    if rank == 0 and tracking["run_id"]:
-        mlflow_tracking.use_store(cfg.tracking.model_copy(update={"uri": tracking["uri"]}))
-
-    def log(row: dict) -> None:
-        if rank != 0:
-            return
-        with open(out / HISTORY, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if row["event"] == "start":
-            if row["start_epoch"] > 1:
-                print(f"resuming from the checkpoint of epoch {row['start_epoch'] - 1}", flush=True)
-            return
-        print_epoch(row)
-        if tracking["run_id"]:
-            metrics = {k: row[k] for k in ("loss", "lr", "samples_per_s", "epoch_seconds")}
-            mlflow_tracking.log_metrics(metrics, step=row["epoch"], run_id=tracking["run_id"])
-
-    return log
-
-
-def _build_stage(cfg: Config, stage: str):
-    from dd_dist.models import init_student_from_teacher, load_model
-    from dd_dist.pipeline import build_for, teacher_path, train_split
-    from dd_dist.train import offline_batches, online_batches, teacher_batches
-
-    split = train_split(cfg)
-    if stage == "teacher":
-        model, spec = build_for(cfg, split)
-        return model, spec, teacher_batches(split), split, None
-    teacher, _ = load_model(teacher_path(cfg))
-    model, spec = build_for(cfg, split, cfg.distill.width)
-    if cfg.distill.init == "teacher":
-        init_student_from_teacher(model, teacher)
-    if cfg.distill.mode == "online":
-        return model, spec, online_batches(split, teacher, cfg.seed, cfg.data.zero_p, cfg.data.flip_p), split, None
-    ids, probs = _shard_labels(split.num_classes)
-    soft = torch.zeros(len(split), split.num_classes)
-    soft[ids] = probs
-    batches = offline_batches(split, soft, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
-    return model, spec, batches, split, ids.numpy()
-
-
-def _shard_labels(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of the label shards, from Ray Data, as full float32 distributions."""
-    import ray.train
-
-    from dd_dist.shards import rebuild_topk
-
-    ids, probs = [], []
-    for batch in ray.train.get_dataset_shard("labels").iter_batches(batch_size=4096, batch_format="numpy"):
-        ids.append(torch.from_numpy(batch["id"]))
-        if "probs" in batch:
-            rows = np.stack(batch["probs"]).astype(np.float32)
-        else:
-            rows = rebuild_topk(np.stack(batch["idx"]), np.stack(batch["val"]), batch["rest"], num_classes)
-        probs.append(torch.from_numpy(rows))
-    return torch.cat(ids), torch.cat(probs)
+    return labels, int(manifest["seed"])

@@ -1,0 +1,91 @@
+"""`dd-dist verify LABELS --teacher CKPT`: check a label directory against its teacher and data.
+
+In order, each failure a one-line UserError naming the cause: the manifest's fields; the teacher's
+architecture and dropout p, then its sha256; every shard present with the manifest's checksum and
+the rows adding up; the data's fingerprint; and last a replay of `rows` random rows.
+
+The replay recomputes the rows with the manifest's seed and K. A row's MC masks depend only on
+(seed, row id, layer, k), so the teacher gives back the same probabilities up to float rounding;
+stored in the manifest's format (float16 rounding, top-k rebuild) they must match the stored rows.
+Tolerance on the mean KL(stored || recomputed), both in the stored format: 1e-5. Float rounding of
+another batch composition or of a GPU (TF32 convolutions, ~1e-3 relative on logits) moves a
+probability p by at most ~1e-3 p, a KL of ~1e-6 per row, and a float16 value that the rounding
+pushes across a rounding boundary moves by one ulp (2^-11 p), a KL below 2e-7. A label of another
+seed, K, input or teacher differs by the MC noise itself, a KL of order (classes - 1) / (2K)
+for an uncertain row (2e-3 at K = 100 over ten classes), and shuffled rows by far more.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dd_dist.config import Config
+from dd_dist.data import load_split
+from dd_dist.errors import UserError
+from dd_dist.files import file_sha256
+from dd_dist.labels import label_rows
+from dd_dist.models import load_model
+from dd_dist.shards import check_labels_match, check_shards, read_manifest, read_shard, stored_probs
+
+KL_TOLERANCE = 1e-5
+
+
+def reference_split(manifest: dict, cfg: Config):
+    """The data the labels must come from: the configured data when the config sets any data field
+    or the seed (-c or overrides), else the dataset named in the manifest, reloaded afresh."""
+    if cfg.data.model_fields_set or "seed" in cfg.model_fields_set:
+        from dd_dist.pipeline import train_split
+
+        return train_split(cfg)
+    data = manifest["data"]
+    return load_split(data["name"], data.get("split", "train"), cfg.data.path, data["rows"], manifest["seed"])
+
+
+def check_teacher(manifest: dict, teacher_file: Path) -> torch.nn.Module:
+    teacher, spec = load_model(teacher_file)
+    made_by = manifest["teacher"]["spec"]
+    if spec["arch"] != made_by["arch"] or spec["p"] != manifest["p"]:
+        raise UserError(f"labels were made with {made_by['arch']} p={manifest['p']}, "
+                        f"the teacher is {spec['arch']} p={spec['p']}")
+    if spec != made_by:
+        raise UserError(f"labels were made with teacher spec {made_by}, {teacher_file} has {spec}")
+    if file_sha256(teacher_file) != manifest["teacher"]["sha256"]:
+        raise UserError(f"labels were made by another teacher than {teacher_file} (sha256 differs)")
+    return teacher
+
+
+def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> np.ndarray:
+    """The stored distributions of sorted row ids, reading only the shards that hold them."""
+    out = np.zeros((len(ids), manifest["data"]["num_classes"]), np.float32)
+    for shard in manifest["shards"]:
+        inside = (ids >= shard["first_id"]) & (ids < shard["first_id"] + shard["rows"])
+        if inside.any():
+            shard_ids, probs = read_shard(directory / shard["file"], out.shape[1])
+            out[inside] = probs[np.searchsorted(shard_ids, ids[inside])]
+    return out
+
+
+def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
+    """Run every check (see the module doc); returns {"rows", "mean_kl", "tolerance"} on success."""
+    directory, teacher_file = Path(directory), Path(teacher_file)
+    manifest = read_manifest(directory)
+    teacher = check_teacher(manifest, teacher_file)
+    check_shards(directory, manifest)
+    split = reference_split(manifest, cfg)
+    aug = manifest["augmentation"]
+    check_labels_match(manifest, data_fingerprint=split.fingerprint, num_classes=split.num_classes,
+                       zero_p=aug["zero_p"], flip_p=aug["flip_p"])
+
+    ids = np.sort(np.random.default_rng().choice(len(split), size=min(rows, len(split)), replace=False))
+    stored = torch.from_numpy(stored_rows(directory, manifest, ids)).double()
+    fresh, _ = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), manifest["k"], manifest["seed"],
+                          aug["zero_p"], aug["flip_p"])
+    storage = manifest["storage"]
+    fresh = torch.from_numpy(stored_probs(fresh, storage["dtype"], storage["topk"] or 0)).double()
+    kl = (torch.xlogy(stored, stored) - stored * fresh.clamp_min(1e-8).log()).sum(1).mean().item()
+    if not kl <= KL_TOLERANCE:
+        raise UserError(f"labels disagree with the teacher: mean KL {kl:.3g} over {len(ids)} replayed rows "
+                        f"exceeds the tolerance {KL_TOLERANCE:g}")
+    return {"rows": len(ids), "mean_kl": kl, "tolerance": KL_TOLERANCE}

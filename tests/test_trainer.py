@@ -1,0 +1,232 @@
+"""DeepSpeed on Ray Train (dd_dist/trainer.py): real local Ray, real DeepSpeed engines on CPU.
+
+One teacher run (killed once mid-run), one label directory and three student runs are shared by
+the tests of this module; each run takes ~30 s on 2 busy cores.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from dd_dist.config import load_config
+from dd_dist.errors import UserError
+from dd_dist.mc import soft_target_kl, standard_probs
+from dd_dist.models import load_model
+from dd_dist.pipeline import train_split
+from dd_dist.shards import load_soft_labels
+from dd_dist.trainer import train
+
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from dd_dist.cluster import WORKER_ENV
+
+    # The controller polls workers for reports every 2 s by default; faster, so that the kill
+    # below lands right after epoch 2's checkpoint is registered, well before the run ends.
+    poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    os.environ.update(poll)
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {**WORKER_ENV, **poll, "DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trainer")
+
+
+def config(run_dir: Path, *overrides: str):
+    """A 4-class 8x8 synthetic task (512 training rows) and the 800-800 MLP with dropout 0.5."""
+    return load_config(None, [
+        "data.name=synthetic", "model.arch=mlp", "model.p=0.5", f"run_dir={run_dir}",
+        f"cluster.storage_path={run_dir / 'ray_results'}", "cluster.num_workers=2", "cluster.max_failures=2",
+        f"teacher.epochs={EPOCHS}", "teacher.lr=0.05", "teacher.lr_steps=[4]", "teacher.batch_size=16",
+        "distill.epochs=4", "distill.lr=0.01", "distill.lr_steps=[3]", "distill.batch_size=32",
+        "label.k=16", "label.actors=1", "label.rows_per_shard=256", "label.dtype=float32", *overrides])
+
+
+def registered_epoch(storage: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train's controller has registered (0 if none yet)."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):  # being rewritten: look again
+            return 0
+        return latest["metrics"]["epoch"] if latest else 0
+    return 0
+
+
+def kill_a_worker_once(storage: Path, after_epoch: int) -> dict:
+    """In a background thread: SIGKILL one Ray Train worker of this test's Ray as soon as the
+    checkpoint of `after_epoch` is registered (reported is not enough: the controller collects
+    reports when it polls the workers, and a report still queued in a dead worker is lost)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    killed = {}
+
+    def watch():
+        deadline = time.time() + 300
+        while time.time() < deadline and registered_epoch(storage) < after_epoch:
+            time.sleep(0.02)
+        workers = [p for p in psutil.Process(raylet).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        if workers:
+            killed["pid"], killed["after_epoch"] = workers[-1].pid, registered_epoch(storage)
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ray_local, run_dir):
+    """The teacher, 2 workers with ZeRO-1; one worker is killed once epoch 2's checkpoint is registered."""
+    cfg = config(run_dir, "cluster.deepspeed=configs/deepspeed/zero1.json")
+    killed = kill_a_worker_once(run_dir / "ray_results", after_epoch=2)
+    path, history = train(cfg, "teacher")
+    return cfg, path, history, killed
+
+
+@pytest.fixture(scope="module")
+def labels(teacher_run):
+    from dd_dist.labels import run_label
+
+    cfg = teacher_run[0]
+    return run_label(cfg)
+
+
+@pytest.fixture(scope="module")
+def offline_runs(labels, run_dir):
+    """The offline student with ZeRO-2 on 2 workers and on 1, same global batch and seed.
+    Dropout off in the student (model.p=0): masks are drawn per process, so only a dropout-free
+    forward pass is invariant to how a batch is split over workers."""
+    runs = {}
+    for workers in (2, 1):
+        cfg = config(run_dir, "model.p=0", "distill.init=teacher", "cluster.deepspeed=configs/deepspeed/zero2.json",
+                     f"cluster.num_workers={workers}")
+        path, history = train(cfg, "student")
+        runs[workers] = (load_model(path)[0], history)
+    return runs
+
+
+def augmented_inputs_and_labels(cfg, labels_dir):
+    """The augmented training view the labels were made on, and the stored MC labels (K=16)."""
+    from dd_dist.data import augment
+
+    split = train_split(cfg)
+    ids, probs = load_soft_labels(labels_dir)
+    return augment(torch.from_numpy(split.x)[ids], ids, cfg.seed, 0, cfg.data.zero_p, cfg.data.flip_p), probs
+
+
+def kl_to(model, inputs, target_probs) -> float:
+    probs = standard_probs(model, inputs)
+    return soft_target_kl(torch.log(probs.clamp_min(1e-12)), target_probs).item()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(teacher_run):
+    cfg, path, history, killed = teacher_run
+    assert killed.get("pid"), "no training worker was found to kill"
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1))  # every epoch once
+    restart = max(row["resumed_from"] for row in history)  # the epoch of the checkpoint it resumed from
+    assert 2 <= killed["after_epoch"] <= restart < EPOCHS
+    # Epochs up to the checkpoint come from the first worker group, the rest from the restarted
+    # one, which began at the checkpoint's epoch, not at epoch 0.
+    assert [row["resumed_from"] for row in history] == [0] * restart + [restart] * (EPOCHS - restart)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]  # it kept learning after the restart
+    assert [round(row["lr"], 6) for row in history] == [0.05] * 4 + [0.005] * 2  # the schedule survived
+
+
+@pytest.mark.slow
+def test_export_loads_weights_only_and_predicts_like_the_engine(teacher_run, run_dir):
+    cfg, path, history, _ = teacher_run
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["data_fingerprint"] == train_split(cfg).fingerprint
+    assert checkpoint["final_loss"] == pytest.approx(history[-1]["loss"])
+    exported, spec = load_model(path)
+    # The engine's own weights, as DeepSpeed saved them in the final checkpoint.
+    final = next((run_dir / "ray_results").glob(f"*-teacher-*/epoch-{EPOCHS:04d}"))
+    engine_state = torch.load(final / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    engine_model, _ = load_model(path)
+    engine_model.load_state_dict(engine_state)
+    x = torch.from_numpy(train_split(cfg).x[:64])
+    assert torch.equal(standard_probs(exported, x), standard_probs(engine_model, x))
+    assert spec["arch"] == "mlp" and spec["p"] == 0.5
+
+
+@pytest.mark.slow
+def test_two_zero2_workers_follow_the_loss_curve_of_one(offline_runs):
+    (model2, hist2), (model1, hist1) = offline_runs[2], offline_runs[1]
+    assert [r["world"] for r in hist2] == [2] * 4 and [r["world"] for r in hist1] == [1] * 4
+    # Same batches, same global gradient: only float32 summation order differs (two half-batch
+    # gradients all-reduced vs one), ~1e-7 per step, so 1e-4 relative over 64 steps is generous.
+    np.testing.assert_allclose([r["loss"] for r in hist2], [r["loss"] for r in hist1], rtol=1e-4)
+    for a, b in zip(model2.state_dict().values(), model1.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_offline_and_online_distillation_lower_the_kl_to_the_mc_teacher(teacher_run, labels, offline_runs, run_dir):
+    cfg = teacher_run[0]
+    inputs, mc = augmented_inputs_and_labels(cfg, labels)
+    before = kl_to(load_model(teacher_run[1])[0], inputs, mc)  # the students start as the teacher
+    offline = kl_to(offline_runs[2][0], inputs, mc)
+    online_cfg = config(run_dir, "distill.mode=online", "distill.init=teacher",
+                        "cluster.deepspeed=configs/deepspeed/zero2.json")
+    path, history = train(online_cfg, "student")
+    online = kl_to(load_model(path)[0], inputs, mc)
+    print(f"KL(MC teacher || student): teacher init {before:.4f}, offline {offline:.4f}, online {online:.4f}")
+    assert offline < 0.8 * before
+    assert online < 0.9 * before  # one mask per step: noisier targets, a smaller gain in 4 epochs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, cause", [
+    ("data.zero_p=0.1", "augmentation zero_p=0.2"),
+    ("data.train_rows=256", "labels were made from other data"),
+])
+def test_mismatched_labels_are_refused_before_ray_train_starts(labels, run_dir, override, cause):
+    storage = run_dir / "ray_results"
+    runs_before = sorted(storage.iterdir())
+    with pytest.raises(UserError, match=cause) as error:
+        train(config(run_dir, override), "student")
+    assert "\n" not in str(error.value)
+    assert sorted(storage.iterdir()) == runs_before  # no Ray Train run was started
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_teacher_on_one_gpu(ray_local, tmp_path):
+    cfg = config(tmp_path, "cluster.use_gpu=true", "cluster.num_workers=1", "teacher.epochs=3", "teacher.lr_steps=[2]",
+                 "cluster.deepspeed=configs/deepspeed/zero2_bf16_gpu.json")
+    path, history = train(cfg, "teacher")
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    exported = torch.load(path, weights_only=True)["state_dict"]
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # bf16 weights exported as float32
+
+
+@pytest.mark.parametrize("override, cause", [
+    ("teacher.batch_size=15", "batch size 15 must be divisible by cluster.num_workers=2"),
+    ("cluster.deepspeed=configs/deepspeed/zero2_bf16_gpu.json", "enables bf16, which needs GPUs"),
+    ("cluster.deepspeed=no/such.json", "DeepSpeed config not found"),
+    ("teacher.optimizer=deepspeed", "needs an 'optimizer' block"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, override, cause):
+    with pytest.raises(UserError, match=cause) as error:
+        train(config(tmp_path, override), "teacher")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "ray_results").exists()
