@@ -111,12 +111,13 @@ def distill_stage(cfg: Config, parent: str | None = None) -> Path:
 def run_pipeline(cfg: Config) -> dict:
     """Every stage in one Ray session and one MLflow parent run; prints the comparison at the end."""
     from dd_dist import tracking
-    from dd_dist.cluster import ray_session
+    from dd_dist.cluster import check_shared_storage, ray_session
     from dd_dist.compare import compare
     from dd_dist.evaluate import evaluate
 
     began, seconds = time.perf_counter(), {}
     with ray_session(cfg.cluster), tracking.pipeline_run(cfg) as parent:
+        check_shared_storage(cfg)  # a multi-node cluster needs storage every node sees
         stages = [("teacher", teacher_stage), ("label", label_stage), ("distill", distill_stage),
                   ("evaluate", evaluate)]
         for name, stage in stages:
