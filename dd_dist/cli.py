@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,8 +85,27 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes in one line too (argparse prints the whole usage first); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# A UserError raised inside a Ray actor or training worker reaches the driver only as the text of
+# its traceback inside Ray's own exception: its message is the line naming it.
+_REMOTE_USER_ERROR = re.compile(r"^dd_dist\.errors\.UserError: (.+)$", re.MULTILINE)
+
+
+def remote_user_error(error: BaseException) -> str | None:
+    if not type(error).__module__.startswith("ray."):
+        return None
+    found = _REMOTE_USER_ERROR.search(str(error))
+    return found[1] if found else None
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dd-dist", description="Distributed dropout distillation.")
+    top = OneLineParser(prog="dd-dist", description="Distributed dropout distillation.")
     subs = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
@@ -107,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_path, args.overrides)
         COMMANDS[args.command][1](cfg, args)
-    except UserError as error:
-        print(f"dd-dist {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        # Ray's wrapper of a remote UserError may also be a UserError, but its text is a traceback.
+        message = remote_user_error(error) or (str(error) if isinstance(error, UserError) else None)
+        if message is None:
+            raise
+        print(f"dd-dist {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dd-dist {args.command}: interrupted", file=sys.stderr)
