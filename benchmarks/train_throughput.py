@@ -87,6 +87,8 @@ def markdown(r: dict) -> str:
     lines += ["", f"- 1-worker overhead (plain / DeepSpeed 1 worker time per sample): ZeRO-0 "
               f"{r['overhead_1_worker_zero0']:.2f}x, ZeRO-2 {r['overhead_1_worker_zero2']:.2f}x (target <= 1.25x)",
               f"- 2 workers vs 1 (ZeRO-2): {r['two_vs_one_worker']:.2f}x",
+              "- 2 workers on this 2-core machine share the cores with Ray's own processes (raylet, GCS, the "
+              "Ray Train controller) and with whatever else runs: the load column shows that contention.",
               "- worker setup: imports, data, DeepSpeed engine (inside the train function); train() overhead: "
               "the train() call's wall time minus its epochs (Ray Train controller and worker group start-up, "
               "worker setup, per-epoch checkpoints, export, teardown)."]
