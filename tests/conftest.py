@@ -1,5 +1,8 @@
 """Suite-wide settings: no telemetry, DeepSpeed on CPU, and no MLflow store left in the checkout."""
 import os
+import tempfile
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -7,9 +10,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# The tests' own Ray instances are loopback-only and token-less; a ~/.ray/auth_token left by a
-# cluster would otherwise switch token auth on for them without giving the client the token.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray the suite starts, local or the two-node test cluster, uses token auth with one token of
+# this run: Ray caches the auth mode and token per process, so a process that once spoke to a
+# token cluster cannot later drive a token-less one (its workers' calls back are refused).
+_RAY_TOKEN = Path(tempfile.mkdtemp(prefix="dd-dist-tests-")) / "ray_token"
+_RAY_TOKEN.write_text(uuid.uuid4().hex)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_RAY_TOKEN)
 
 
 @pytest.fixture(autouse=True)
