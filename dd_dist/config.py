@@ -100,6 +100,7 @@ class TrackingConfig(Section):
     experiment: str = "dd-dist"
     http_retries: int = Field(1, ge=0)  # retries of a tracking-server call (MLflow's 7 block for minutes)
     http_timeout_s: int = Field(5, ge=1)  # seconds per tracking-server request
+    retry_s: float = Field(30, ge=0)  # a stage that lost its server tries it again after this long; metrics wait
 
 
 class Config(Section):

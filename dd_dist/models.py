@@ -5,6 +5,7 @@ Every model is a flat nn.Sequential so MC code can split it at its first dropout
 """
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import re
@@ -131,7 +132,11 @@ def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: fl
 def save_model(path, model: nn.Module, spec: dict, extra: dict | None = None) -> None:
     """A plain dict of tensors and primitives, written atomically; loads with weights_only=True."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save({"spec": spec, "state_dict": state, **(extra or {})}, tmp))
+    # Serialised in memory first: torch.save onto a full disk fails with a RuntimeError that hides
+    # the cause, a plain write raises ENOSPC, which atomic_write reports in one line.
+    buffer = io.BytesIO()
+    torch.save({"spec": spec, "state_dict": state, **(extra or {})}, buffer)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def read_checkpoint(path) -> dict:

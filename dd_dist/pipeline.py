@@ -12,6 +12,7 @@ import torch
 
 from dd_dist.config import Config
 from dd_dist.data import Split, augment, load_split
+from dd_dist.files import check_writable
 from dd_dist.mc import mc_probs
 from dd_dist.models import build_model, init_student_from_teacher, load_model, model_spec, save_model
 from dd_dist.train import fit, offline_batches, online_batches, teacher_batches
@@ -31,6 +32,14 @@ def teacher_path(cfg: Config) -> Path:
 
 def student_path(cfg: Config) -> Path:
     return Path(cfg.run_dir) / "student" / "model.pt"
+
+
+def check_outputs_writable(cfg: Config, folder: str) -> None:
+    """Refuse an unwritable run_dir/<folder> or storage_path in one line before a stage starts
+    anything (an MLflow run, Ray, hours of work that could not be saved)."""
+    check_writable(Path(cfg.run_dir) / folder, "run_dir")
+    if cfg.cluster.storage_path:
+        check_writable(cfg.cluster.storage_path, "cluster.storage_path")
 
 
 def build_for(cfg: Config, split: Split, width: float = 1.0):
@@ -80,6 +89,7 @@ def teacher_stage(cfg: Config, parent: str | None = None) -> Path:
     from dd_dist import tracking
     from dd_dist.trainer import train
 
+    check_outputs_writable(cfg, "teacher")
     with tracking.stage_run(cfg, "teacher", parent) as run:
         path, _ = train(cfg, "teacher", run)
         tracking.log_model_file(path, run)
@@ -90,6 +100,7 @@ def label_stage(cfg: Config, parent: str | None = None) -> Path:
     from dd_dist import tracking
     from dd_dist.labels import run_label
 
+    check_outputs_writable(cfg, "labels")
     with tracking.stage_run(cfg, "label", parent) as run:
         began = time.perf_counter()
         out = run_label(cfg)
@@ -102,6 +113,7 @@ def distill_stage(cfg: Config, parent: str | None = None) -> Path:
     from dd_dist import tracking
     from dd_dist.trainer import train
 
+    check_outputs_writable(cfg, "student")
     with tracking.stage_run(cfg, "distill", parent, mode=cfg.distill.mode) as run:
         path, _ = train(cfg, "student", run)
         tracking.log_model_file(path, run)

@@ -1,9 +1,10 @@
 """MLflow helpers for every stage: where runs go, one run per stage, and logging that never stops training.
 
 Only rank 0 logs. If the tracking store cannot be reached, the first failure prints one warning on
-stderr and the stage goes on: metrics logged meanwhile are buffered and retried once when the
-stage's run ends. Params come only from the config tree (never from the environment), with any
-password inside a URI masked.
+stderr and the stage goes on: metrics logged meanwhile are buffered and sent when the server answers
+again (tried at most every tracking.retry_s seconds, and once more when the stage's run ends).
+Params come only from the config tree (never from the environment), with any password inside a
+URI masked.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from dd_dist.config import Config, TrackingConfig
 DEFAULT_URI = TrackingConfig.model_fields["uri"].default
 _URI_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/:@\s]+):[^/@\s]+@")
 
-# Per-process state: a stage that lost its server stops calling it until the next configure().
+# Per-process state: a stage that lost its server calls it again only every retry_s seconds.
 _offline = False
 _warned = False
+_failed_at = 0.0  # time.monotonic() of the last failed call
+_retry_s = TrackingConfig.model_fields["retry_s"].default
 _pending: list[tuple[str, list[Metric]]] = []  # (run id, metrics) waiting for the server
 
 
@@ -42,7 +45,7 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 def use_store(cfg: TrackingConfig) -> str:
     """Point MLflow at the store with short network timeouts; no experiment is created. Returns the URI."""
-    global _offline, _warned
+    global _offline, _warned, _retry_s
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # Defaults (7 retries, 120 s timeout) block each call for minutes when the server is gone.
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.http_retries)
@@ -51,6 +54,7 @@ def use_store(cfg: TrackingConfig) -> str:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     _offline = _warned = False  # each stage gives the server a fresh chance
+    _retry_s = cfg.retry_s
     return uri
 
 
@@ -140,20 +144,21 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
     if not run_id or not is_rank_zero():
         return
     now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-    if _offline:
-        _pending.append((run_id, batch))
-        return
-    ok, _ = _attempt("logging metrics", MlflowClient().log_batch, run_id, metrics=batch)
-    if not ok:
-        _pending.append((run_id, batch))
+    # Queued first and sent oldest first: a server that comes back gets every value, in order. A resent
+    # batch keeps its timestamps, so one the server did store before a timeout is not stored twice.
+    _pending.append((run_id, [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]))
+    if not _offline or _retry_due():
+        _send_pending()
 
 
 def log_artifact(path, artifact_path: str | None = None, run_id: str | None = None) -> None:
-    """Upload a file; skipped (after the one warning) while the server is unreachable."""
+    """Upload a file; skipped (after the one warning) while the server is unreachable, unless
+    tracking.retry_s has passed since it last failed."""
+    global _offline
     run_id = run_id or _active_run_id()
-    if not run_id or _offline or not is_rank_zero():
+    if not run_id or (_offline and not _retry_due()) or not is_rank_zero():
         return
+    _offline = False
     _attempt(f"uploading {path}", MlflowClient().log_artifact, run_id, str(path), artifact_path)
 
 
@@ -167,18 +172,33 @@ def _active_run_id() -> str | None:
     return run.info.run_id if run else None
 
 
-def _flush_pending() -> None:
-    """One retry of the buffered metrics; dropped with the warning already given if it fails again."""
+def _retry_due() -> bool:
+    return time.monotonic() - _failed_at >= _retry_s
+
+
+def _send_pending() -> bool:
+    """Send the buffered metrics, oldest first, until a call fails; True when all went through.
+    A server already found unreachable gets one short try."""
     global _offline
-    if not _pending:
-        return
-    _offline = False
-    while _pending and not _offline:
-        run_id, batch = _pending[0]
-        ok, _ = _attempt("sending buffered metrics", MlflowClient().log_batch, run_id, metrics=batch)
-        if ok:
+    retrying, sent = _offline, 0
+    with _brief_requests() if retrying else nullcontext():
+        _offline = False
+        while _pending:
+            run_id, batch = _pending[0]
+            ok, _ = _attempt("logging metrics", MlflowClient().log_batch, run_id, metrics=batch)
+            if not ok:
+                return False
             _pending.pop(0)
-    if _pending:
+            sent += len(batch)
+    if retrying:
+        print(f"dd-dist: MLflow is reachable again: {sent} buffered metric values logged", file=sys.stderr,
+              flush=True)
+    return True
+
+
+def _flush_pending() -> None:
+    """A last try at the buffered metrics; dropped with a count if the server is still away."""
+    if _pending and not _send_pending():
         print(f"dd-dist: warning: {sum(len(b) for _, b in _pending)} buffered metric values were not logged",
               file=sys.stderr, flush=True)
         _pending.clear()
@@ -201,11 +221,11 @@ def _brief_requests():
 
 def _attempt(what: str, call: Callable, *args, **kwargs) -> tuple[bool, Any]:
     """(True, result), or (False, None) after warning once that tracking is off for this stage."""
-    global _offline, _warned
+    global _offline, _warned, _failed_at
     try:
         return True, call(*args, **kwargs)
     except Exception as error:
-        _offline = True
+        _offline, _failed_at = True, time.monotonic()
         if not _warned:
             _warned = True
             reason = redact(str(error).strip().splitlines()[0][:200]) if str(error).strip() else ""

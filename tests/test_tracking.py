@@ -2,17 +2,13 @@
 pipeline-shaped run found by compare and the REST API, no secrets in the store, and a stage that
 outlives its server."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
+
+import mlflow_server
 
 from dd_dist.compare import compare
 from dd_dist.config import load_config
@@ -24,51 +20,15 @@ SECRET = "fake-secret-9f3c1d2e7b"  # set as AWS_SECRET_ACCESS_KEY: must never re
 RAY_PASSWORD = "hunter2-pw"  # inside cluster.address: must be masked in params and config.yaml
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server` on a free loopback port with its own SQLite store and artifact folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/store.db", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: uvicorn and the job runner stop with it
-    url = f"http://127.0.0.1:{port}"
-    info = {"url": url, "root": root, "proc": proc, "stop": lambda: _stop(proc)}
+    info = mlflow_server.start(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 180  # ≈5 s idle; much longer while other test runs load the CPU
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
+        mlflow_server.wait_until_serving(info)
         yield info
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        info["stop"]()
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:
