@@ -49,12 +49,14 @@ class Evaluation:
         return m.get(key, m.get(f"{key}_mean"))
 
     def gap_recovered(self) -> float | None:
-        """(standard - distilled) / (standard - MC at the largest K); None without a student or a gap."""
+        """(standard - distilled) / (standard - MC at the largest K); None without a student, or when MC
+        does not beat standard dropout by at least half a test image (no gap to recover: a ratio of two
+        negative or tiny differences would read as a bogus share)."""
         if "distilled" not in self.methods or not self.mc_names:
             return None
         standard, distilled = self.value("standard", "error"), self.value("distilled", "error")
         gap = standard - self.value(self.mc_names[-1], "error")
-        if abs(gap) < 0.5 / max(self.test_images, 1):  # less than half a test image: no gap to recover
+        if gap < 0.5 / max(self.test_images, 1):
             return None
         return (standard - distilled) / gap
 

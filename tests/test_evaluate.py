@@ -153,3 +153,17 @@ def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err == "dd-dist compare: error: MLflow experiment 'empty' has no finished evaluate runs: run `dd-dist evaluate` first"
     assert not (tmp_path / "compare").exists()
+
+
+@pytest.mark.parametrize("standard, mc, distilled, share", [
+    (0.030, 0.020, 0.025, 0.5),  # half of the standard -> MC gap recovered
+    (0.030, 0.020, 0.035, -0.5),  # the student is worse than standard dropout: a negative share
+    (0.0417, 0.0423, 0.0427, None),  # MC is worse than standard: nothing to recover (not "154 %")
+    (0.0300, 0.02995, 0.0200, None),  # MC better by less than half a test image: no gap
+])
+def test_gap_recovered_needs_mc_to_beat_standard(standard, mc, distilled, share):
+    from dd_dist.compare import Evaluation
+
+    methods = {"standard": {"error": standard}, "mc50": {"error_mean": mc}, "distilled": {"error": distilled}}
+    recovered = Evaluation("run", "mnist", "lenet", 10000, methods).gap_recovered()
+    assert recovered == share if share is None else recovered == pytest.approx(share)

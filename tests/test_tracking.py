@@ -75,7 +75,8 @@ def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
     m = results["methods"]
     standard, mc5, distilled = m["standard"]["error"], m["mc5"]["error_mean"], m["distilled"]["error"]
     gap = standard - mc5
-    share = "n/a" if abs(gap) < 0.5 / 256 else f"{100 * (standard - distilled) / gap:.0f} %"
+    # no gap to recover when MC does not beat standard dropout by half a test image
+    share = "n/a" if gap < 0.5 / 256 else f"{100 * (standard - distilled) / gap:.0f} %"
     assert (f"| synthetic | mlp | 256 | {100 * standard:.2f} | {100 * mc5:.2f} (5) | {100 * distilled:.2f} | {share} |"
             in report)
     assert f"pipeline run `{parent_id}` with stages: teacher, label, distill, evaluate" in report
