@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ mlflow-ui: setup
 
 fashion-mnist:
 	bash launch/fetch_fashion_mnist.sh data/fashion-mnist
+
+# The paper's protocol through the pipeline, accumulated into benchmarks/results/reproduce.md:
+# run it again with other SEEDS= / ROWS= (see benchmarks/reproduce.py for the rows); at most 2.5 h a call.
+SEEDS ?= 0
+ROWS ?= mnist-lenet,mnist-lenet_all
+reproduce: setup
+	$(BIN)/python -m benchmarks.reproduce --seeds $(SEEDS) --rows $(ROWS)
+
+# The same pipeline on 5k images with short schedules, in minutes: benchmarks/results/reproduce_quick.md.
+reproduce-quick: setup
+	$(BIN)/python -m benchmarks.reproduce --quick --seeds $(SEEDS) --rows $(ROWS)
 
 # Cluster targets: launch-cluster, down, cluster-status, submit, logs, stop.
 -include launch/cluster.mk

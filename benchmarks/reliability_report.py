@@ -66,8 +66,8 @@ CATALOGUE = {
         ("security", "", "load_model refuses pickled code (weights_only=True)"),
     R + "test_the_local_ray_serves_no_dashboard":
         ("security", "", "the local Ray serves no dashboard UI; its dashboard head is bound to 127.0.0.1"),
-    R + "test_every_port_of_the_local_ray_is_on_loopback":
-        ("security", "", "every listening port of the local Ray on loopback"),
+    R + "test_the_local_rays_open_ports_refuse_a_client_without_its_token":
+        ("security", "", "the local Ray's ports that Ray binds to every interface refuse a client without the token"),
     R + "test_the_mlflow_ui_binds_loopback_unless_asked":
         ("security", "", "make mlflow-ui and make launch-cluster bind 127.0.0.1 unless HOST is given"),
     R + "test_no_secret_reaches_the_store":

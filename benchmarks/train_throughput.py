@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from dd_dist.cluster import WORKER_ENV
+    from dd_dist.cluster import LOCAL_ENV
     from dd_dist.labels import run_label
 
     report = {"rows": args.rows, "batch_size": BATCH, "epochs": args.epochs, "threads": 1,
@@ -118,7 +118,7 @@ def main() -> None:
         teacher, spec = build_for(cfg, train_split(cfg))
         save_model(teacher_path(cfg), teacher, spec)
         ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {**WORKER_ENV, "DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": {**LOCAL_ENV, "DS_ACCELERATOR": "cpu"}})
         try:
             run_label(cfg)
             report["plain_loop"] = measured(plain_loop, cfg)

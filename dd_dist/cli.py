@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from dd_dist.cluster import default_auth
 from dd_dist.config import Config, load_config
 from dd_dist.errors import UserError
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config or (DEMO_CONFIG if args.command == "demo" else None)
     try:
         cfg = load_config(config_path, args.overrides)
+        default_auth(cfg.cluster)
         COMMANDS[args.command][1](cfg, args)
     except Exception as error:
         # Ray's wrapper of a remote UserError may also be a UserError, but its text is a traceback.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dd_dist.errors import UserError
 
@@ -56,8 +56,32 @@ class DistillConfig(TrainConfig):
     width: float = Field(1.0, gt=0, le=1)  # < 1: a smaller student
 
 
+def scheme_problem(k: int | str, k_min: int, k_max: int, antithetic: bool, control_variate: bool) -> str | None:
+    """Why an MC label scheme (see dd_dist.mc_schemes) cannot run, in one line; None when it can."""
+    unit = 2 if antithetic else 1
+    if k == "auto":
+        if k_min % (2 * unit) or k_min < 4 * unit:
+            return (f"k_min {k_min} must be a multiple of {2 * unit} and at least {4 * unit} with k=auto"
+                    f"{' and antithetic' if antithetic else ''} (two streams of at least two "
+                    f"{'antithetic pairs' if antithetic else 'masks'} each in the pilot round)")
+        if k_max < k_min or k_max % k_min:
+            return f"k_max {k_max} must be a multiple of k_min {k_min} (K grows in steps of k_min)"
+    elif antithetic and k % 2:
+        return f"k {k} must be even with antithetic masks (they come in pairs)"
+    elif control_variate and k < 4 * unit:
+        return (f"k {k} must be at least {4 * unit} with the control variate (its coefficient is fitted on the "
+                f"other half of the {'pairs' if antithetic else 'masks'})")
+    return None
+
+
 class LabelConfig(Section):
-    k: int = Field(100, ge=1)  # MC masks per image
+    # MC masks per image, or "auto": per image as many as its spread needs (stderr_target, k_min, k_max)
+    k: int | Literal["auto"] = 100
+    stderr_target: float = Field(0.005, gt=0, lt=1)  # k=auto: MC standard error (largest class) to reach
+    k_min: int = Field(8, ge=1)  # k=auto: masks of the first (pilot) round, and the step of K
+    k_max: int = Field(400, ge=1)  # k=auto: most masks per image
+    antithetic: bool = False  # masks in antithetic pairs (a mask and its reflection)
+    control_variate: bool = False  # subtract the softmax's first-order expansion around the last dropout's mean
     actors: int = Field(2, ge=1)  # Ray label actors
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float32", "float16", "topk"] = "float16"
@@ -65,6 +89,24 @@ class LabelConfig(Section):
     rows_per_shard: int = Field(2048, ge=1)  # a shard is the unit of work and of resume
     cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so Ray Data's own tasks are not starved
     threads_per_actor: int = Field(1, ge=1)  # torch threads inside each actor
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k_or_auto(cls, k):
+        if k == "auto":
+            return k
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError("Input should be an integer >= 1 or 'auto'")
+        if k < 1:
+            raise ValueError("Input should be greater than or equal to 1")
+        return k
+
+    @model_validator(mode="after")
+    def _scheme_runs(self):
+        problem = scheme_problem(self.k, self.k_min, self.k_max, self.antithetic, self.control_variate)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class EvalConfig(Section):
@@ -86,12 +128,16 @@ class ClusterConfig(Section):
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local Ray; default: twice the cores, at least 4
     num_workers: int = Field(2, ge=1)  # Ray Train workers
     cpus_per_worker: int = Field(1, ge=1)  # logical CPUs of each training worker, and its torch threads
+    # How Ray Train places its workers: PACK fills a node first, SPREAD puts them on different nodes
+    # (STRICT_*: or fails to start); see Ray's placement group strategies.
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool = False
     deepspeed: str = "configs/deepspeed/zero2.json"
     max_failures: int = Field(2, ge=0)
-    # Shared storage for what nodes exchange (teacher, label shards, Ray Train checkpoints): a local path,
-    # an NFS mount, s3:// or gs://. A run keeps them in <storage_path>/<run_dir name>; unset: in run_dir.
-    # A multi-node cluster on which a node cannot see it is refused (cluster.check_shared_storage).
+    # Where Ray Train keeps checkpoints: a local path, an NFS mount, s3:// or gs://; a run uses
+    # <storage_path>/<run_dir name>; unset: run_dir/ray_results. The teacher, label shards and models
+    # stay in run_dir: a multi-node cluster on which a node cannot see run_dir (or a local storage_path)
+    # is refused (cluster.check_shared_storage).
     storage_path: str | None = None
 
 

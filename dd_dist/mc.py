@@ -28,33 +28,55 @@ def standard_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(model(x), dim=1)
 
 
-def keep_masks(row_ids: list[int], layer: int, k: int, n: int, p: float, seed: int) -> torch.Tensor:
+def keep_masks(row_ids: list[int], layer: int, k: int, n: int, p: float, seed: int,
+               antithetic: bool = False) -> torch.Tensor:
     """(rows, k, n) boolean keep-masks of one dropout layer with n units; each unit is dropped with probability p.
 
     Drawing K*B*units random values is the cost of MC dropout, so a unit gets 8 random bits, not a
     32-bit float (~7x cheaper to draw; per-row generators also beat a vectorised counter hash 2x).
     A unit is dropped if its byte is below floor(256p), kept if above, and a tie (probability 1/256)
     is settled by a float uniform from a second per-row stream, so the drop probability is exactly p.
+    In other words a unit is dropped when u = (byte + tie uniform) / 256, a uniform on [0, 1), is below p.
+
+    antithetic (k even): samples 2i and 2i+1 are a pair. Sample 2i is sample i of the plain stream
+    (keep_masks with k/2), sample 2i+1 thresholds the reflected byte 255 - byte, i.e. u' = 1 - u up to
+    the tie uniform, which comes from a third per-row stream. Both masks drop each unit with
+    probability exactly p; at p = 0.5 the partner is the complement, and for p < 0.5 a unit is never
+    dropped by both (for p > 0.5 never kept by both).
     """
+    if antithetic and k % 2:
+        raise ValueError(f"antithetic masks come in pairs: k must be even, got {k}")
     if p == 0 or p == 1:  # nothing to draw (and 256p must fit in a byte below)
         return torch.full((len(row_ids), k, n), p == 0)
-    cut = math.floor(256 * p)
-    tie_p = 256 * p - cut
-    words = torch.empty(len(row_ids), -(-k * n // 8), dtype=torch.int64)
+    base = k // 2 if antithetic else k
+    words = torch.empty(len(row_ids), -(-base * n // 8), dtype=torch.int64)
     gen = torch.Generator()
     for i, row in enumerate(row_ids):
         gen.manual_seed(row_rng_seed(seed, row, layer))
         words[i].random_(-(2**63), None, generator=gen)  # the full 64-bit range: 8 uniform bytes a word
-    byte = words.view(torch.uint8)[:, : k * n]
+    byte = words.view(torch.uint8)[:, : base * n]
+    keep = _below_p(byte, p, row_ids, (seed, layer, 1), gen)
+    if antithetic:
+        partner = _below_p(byte.bitwise_not(), p, row_ids, (seed, layer, 2), gen)  # 255 - byte
+        keep = torch.stack([keep.view(-1, base, n), partner.view(-1, base, n)], 2)
+    return keep.view(-1, k, n)
+
+
+def _below_p(byte: torch.Tensor, p: float, row_ids, stream: tuple, gen: torch.Generator) -> torch.Tensor:
+    """Keep (True) where (byte + tie uniform) / 256 >= p; a row's tie uniforms come from the stream
+    row_rng_seed(seed, row, layer, s) for stream = (seed, layer, s), read in sample order."""
+    cut = math.floor(256 * p)
+    tie_p = 256 * p - cut
     if not tie_p:
-        return byte.ge(cut).view(-1, k, n)
+        return byte.ge(cut)
+    seed, layer, s = stream
     keep, ties = byte > cut, byte == cut
     draws = []
     for row, count in zip(row_ids, ties.sum(1).tolist()):
-        gen.manual_seed(row_rng_seed(seed, row, layer, 1))
+        gen.manual_seed(row_rng_seed(seed, row, layer, s))
         draws.append(torch.rand(count, generator=gen))
     keep[ties] = torch.cat(draws) >= tie_p  # boolean indexing is row-major: each row's ties in sample order
-    return keep.view(-1, k, n)
+    return keep
 
 
 def _split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:

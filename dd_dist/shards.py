@@ -2,12 +2,13 @@
 
 A label directory holds Parquet files `train/part-XXXXX.parquet` (shard s = row ids [s*R, (s+1)*R))
 with columns `id`, `probs` (float16/float32 lists) or top-k `idx`/`val`/`rest`, and `mc_stderr`,
-plus `manifest.json`, written last. The shards sit in a `train/` folder so that
+plus `manifest.json`, written last, with a digest of its own fields. The shards sit in a `train/` folder so that
 `datasets.load_dataset("parquet", data_dir=...)` reads the directory as is (it would otherwise
 try to read manifest.json as Parquet).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dd_dist.errors import UserError
-from dd_dist.files import atomic_write, file_sha256
+from dd_dist.files import atomic_write, file_sha256, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "dd-dist-labels/1"
@@ -36,12 +37,14 @@ def _lists(values: np.ndarray, arrow_type) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=arrow_type))
 
 
-def label_table(ids: np.ndarray, probs: np.ndarray, stderr: np.ndarray, dtype: str, topk: int) -> pa.Table:
-    """One shard's rows in the stored dtype; top-k keeps the k largest and the mass of the rest."""
+def label_table(ids: np.ndarray, probs: np.ndarray, stderr: np.ndarray, dtype: str, topk: int,
+                k: np.ndarray | None = None) -> pa.Table:
+    """One shard's rows in the stored dtype; top-k keeps the k largest and the mass of the rest.
+    k: the MC masks each row used (adaptive K), stored as an int32 column `k`."""
     columns = {"id": pa.array(ids.astype(np.int64))}
     if dtype == "topk":
-        k = min(topk, probs.shape[1])
-        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        kept = min(topk, probs.shape[1])
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :kept]
         val = np.take_along_axis(probs, idx, axis=1)
         columns["idx"] = _lists(idx.astype(np.int16), pa.int16())
         columns["val"] = _lists(val.astype(np.float32), pa.float32())
@@ -50,6 +53,8 @@ def label_table(ids: np.ndarray, probs: np.ndarray, stderr: np.ndarray, dtype: s
         arrow = pa.float16() if dtype == "float16" else pa.float32()
         columns["probs"] = _lists(probs.astype(np.float16 if dtype == "float16" else np.float32), arrow)
     columns["mc_stderr"] = pa.array(stderr.astype(np.float32))
+    if k is not None:
+        columns["k"] = pa.array(np.asarray(k).astype(np.int32))
     return pa.table(columns)
 
 
@@ -99,6 +104,17 @@ def read_shard(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, probs
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's fields other than the digest: a hand edit (k, seed, a shard dropped)
+    changes it, where shard checksums and a replay of a confident teacher might not notice."""
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(directory, manifest: dict) -> None:
+    write_json(Path(directory) / MANIFEST, {**manifest, "digest": manifest_digest(manifest)})
+
+
 def read_manifest(directory) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -113,6 +129,9 @@ def read_manifest(directory) -> dict:
                if key not in manifest]
     if manifest.get("format") != FORMAT or missing:
         raise UserError(f"{path} is not a {FORMAT} manifest (missing: {', '.join(missing) or 'format'})")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise UserError(f"{path} was edited after it was written (its digest does not match its fields): "
+                        f"label again into a fresh run_dir")
     return manifest
 
 

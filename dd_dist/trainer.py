@@ -55,8 +55,9 @@ def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, lis
     cluster.num_workers DeepSpeed workers; returns (pipeline.teacher_path / student_path, per-epoch metrics).
 
     Each metrics row holds epoch, loss, lr, samples_per_s, epoch_seconds, setup_seconds,
-    threads, world and resumed_from (the epoch of the checkpoint its worker group started
-    from, 0 for a fresh start). Rank 0 also logs each epoch to the MLflow run `run_id`.
+    threads, world, nodes (the Ray node id of each rank) and resumed_from (the epoch of the
+    checkpoint its worker group started from, 0 for a fresh start). Rank 0 also logs each epoch
+    to the MLflow run `run_id`.
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -98,7 +99,8 @@ def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, lis
             dataset_config=DataConfig(datasets_to_split=[]),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+                                         placement_strategy=cfg.cluster.placement),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -124,6 +126,10 @@ def _check_teacher(cfg: Config, split) -> None:
     if cfg.distill.init == "teacher" and spec["arch"] != cfg.model.arch:
         raise UserError(f"distill.init=teacher needs the teacher's architecture: teacher is {spec['arch']}, "
                         f"model.arch is {cfg.model.arch}")
+    teacher_width = spec.get("width", 1.0)
+    if cfg.distill.init == "teacher" and cfg.distill.width > teacher_width:
+        raise UserError(f"distill.width={cfg.distill.width} is wider than the teacher ({teacher_width}): "
+                        f"a student initialised from the teacher can only be as wide or smaller")
 
 
 def _checked_labels(cfg: Config, split) -> tuple[Path, int]:

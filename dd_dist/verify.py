@@ -4,8 +4,11 @@ In order, each failure a one-line UserError naming the cause: the manifest's fie
 architecture and dropout p, then its sha256; every shard present with the manifest's checksum and
 the rows adding up; the data's fingerprint; and last a replay of `rows` random rows.
 
-The replay recomputes the rows with the manifest's seed and K. A row's MC masks depend only on
-(seed, row id, layer, k), so the teacher gives back the same probabilities up to float rounding;
+The replay recomputes the rows with the manifest's seed and K, and its MC scheme (antithetic masks,
+control variate, adaptive K: the manifest's "scheme" entry, the plain K-mask mean without one). A
+row's MC masks depend only on (seed, row id, layer, k) and the scheme, so the teacher gives back the
+same probabilities up to float rounding, and under adaptive K the same K per row, which must equal
+the shards' `k` column;
 stored in the manifest's format (float16 rounding, top-k rebuild) they must match the stored rows.
 Tolerance on the mean KL(stored || recomputed), both in the stored format: 1e-5. Float rounding of
 another batch composition or of a GPU (TF32 convolutions, ~1e-3 relative on logits) moves a
@@ -19,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from dd_dist.config import Config
@@ -26,6 +30,7 @@ from dd_dist.data import load_split
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
 from dd_dist.labels import label_rows
+from dd_dist.mc_schemes import MCScheme
 from dd_dist.models import load_model
 from dd_dist.shards import check_labels_match, check_shards, read_manifest, read_shard, stored_probs
 
@@ -56,15 +61,21 @@ def check_teacher(manifest: dict, teacher_file: Path) -> torch.nn.Module:
     return teacher
 
 
-def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> np.ndarray:
-    """The stored distributions of sorted row ids, reading only the shards that hold them."""
+def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The stored distributions of sorted row ids, reading only the shards that hold them, and
+    their stored K (None when the shards have no `k` column: a fixed K, in the manifest)."""
     out = np.zeros((len(ids), manifest["data"]["num_classes"]), np.float32)
+    k = np.full(len(ids), -1, np.int64)
     for shard in manifest["shards"]:
         inside = (ids >= shard["first_id"]) & (ids < shard["first_id"] + shard["rows"])
         if inside.any():
-            shard_ids, probs = read_shard(directory / shard["file"], out.shape[1])
-            out[inside] = probs[np.searchsorted(shard_ids, ids[inside])]
-    return out
+            path = directory / shard["file"]
+            shard_ids, probs = read_shard(path, out.shape[1])
+            rows = np.searchsorted(shard_ids, ids[inside])
+            out[inside] = probs[rows]
+            if "k" in pq.read_schema(path).names:
+                k[inside] = pq.read_table(path, columns=["k"]).column("k").to_numpy()[rows]
+    return out, (None if (k < 0).all() else k)
 
 
 def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
@@ -79,9 +90,18 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
                        zero_p=aug["zero_p"], flip_p=aug["flip_p"])
 
     ids = np.sort(np.random.default_rng().choice(len(split), size=min(rows, len(split)), replace=False))
-    stored = torch.from_numpy(stored_rows(directory, manifest, ids)).double()
-    fresh, _ = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), manifest["k"], manifest["seed"],
-                          aug["zero_p"], aug["flip_p"])
+    stored, stored_k = stored_rows(directory, manifest, ids)
+    stored = torch.from_numpy(stored).double()
+    try:
+        scheme = MCScheme.from_record(manifest.get("scheme"), manifest["k"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"the manifest's MC scheme {manifest.get('scheme')} is invalid: {e}") from None
+    fresh, _, fresh_k = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), scheme, manifest["seed"],
+                                   aug["zero_p"], aug["flip_p"], return_k=True)
+    if scheme.adaptive and (stored_k is None or not np.array_equal(stored_k, fresh_k)):
+        wrong = len(ids) if stored_k is None else int((stored_k != fresh_k).sum())
+        raise UserError(f"labels disagree with the teacher: the stored K of {wrong} of {len(ids)} replayed rows "
+                        f"differs from the K their scheme gives them")
     storage = manifest["storage"]
     fresh = torch.from_numpy(stored_probs(fresh, storage["dtype"], storage["topk"] or 0)).double()
     kl = (torch.xlogy(stored, stored) - stored * fresh.clamp_min(1e-8).log()).sum(1).mean().item()

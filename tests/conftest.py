@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from dd_dist.cluster import LOCAL_ENV
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The settings dd-dist gives a local Ray of its own (cluster.LOCAL_ENV), also for the Rays that tests start
+# themselves: their workers inherit this environment.
+for _key, _value in LOCAL_ENV.items():
+    os.environ.setdefault(_key, _value)
 # Every Ray the suite starts, local or the two-node test cluster, uses token auth with one token of
 # this run: Ray caches the auth mode and token per process, so a process that once spoke to a
 # token cluster cannot later drive a token-less one (its workers' calls back are refused).

@@ -298,8 +298,6 @@ def test_bad_input_is_refused_in_one_line(outcomes, workspace, call):
     assert_refused(outcomes[call.id], call.cause.format(ws=workspace))
 
 
-@pytest.mark.xfail(strict=True, reason="dd_dist/trainer.py _check_teacher compares only the architecture: it "
-                   "should refuse distill.init=teacher when distill.width exceeds the teacher's spec width")
 def test_student_wider_than_its_teacher_is_refused(outcomes):
     assert_refused(outcomes[WIDER_STUDENT.id], WIDER_STUDENT.cause)
 

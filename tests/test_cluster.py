@@ -1,6 +1,6 @@
 """Cluster launch and job submission: a real two-node Ray cluster on 127.0.0.1 started by the script
 behind `make launch-cluster`, the pipeline submitted through the script behind `make submit`, the
-label stage spread over both nodes, the shared-storage check, and the cluster definitions for AWS,
+label actors and the training workers spread over both nodes, the shared-storage check, and the cluster definitions for AWS,
 GCP and KubeRay validated with Ray's own schema and a structure check.
 
 The test cluster uses free ports, the suite's token (conftest) and a short temp dir of its own, so it never touches
@@ -176,6 +176,30 @@ def test_label_actors_spread_over_both_nodes_and_match_the_single_process_labels
     assert torch.allclose(torch.from_numpy(stored).sum(1), torch.ones(512), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_training_workers_spread_over_both_nodes_and_match_the_single_process_loop(cluster, tmp_path):
+    import ray
+
+    from dd_dist.models import load_model
+    from dd_dist.pipeline import train_teacher
+    from dd_dist.trainer import train
+
+    # No dropout (p=0): the masks, drawn per rank, are then the only thing a worker layout could change.
+    overrides = [*TINY, "model.p=0", f"cluster.address={cluster.gcs}", "cluster.num_workers=2"]
+    cfg = load_config(None, [*overrides, "cluster.placement=STRICT_SPREAD", f"run_dir={tmp_path}/spread"])
+    with ray_session(cfg.cluster):
+        wait_until_idle()
+        path, history = train(cfg, "teacher")
+        alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(alive_nodes) == 2 and len(history[-1]["nodes"]) == 2 and set(history[-1]["nodes"]) == alive_nodes
+
+    # The same batches in one process (plain PyTorch, the DeepSpeed steps equal its own: test_trainer.py).
+    plain = train_teacher(load_config(None, [*overrides, f"run_dir={tmp_path}/plain"]))
+    spread_model, plain_model = load_model(path)[0], load_model(plain)[0]
+    for a, b in zip(spread_model.state_dict().values(), plain_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def wait_until_idle(timeout_s: float = 60) -> None:
     import time
 
@@ -210,6 +234,11 @@ def test_storage_check_passes_shared_paths_and_refuses_a_node_local_one(cluster,
         node_local = load_config(None, [f"cluster.address={cluster.gcs}", f"run_dir={local}/run"])
         with ray_session(node_local.cluster), pytest.raises(UserError, match=r"node-local: 1 of 3 Ray nodes"):
             check_shared_storage(node_local)
+        # Checkpoints in a bucket do not make a node-local run_dir (teacher, label shards) shared.
+        in_bucket = load_config(None, [f"cluster.address={cluster.gcs}", f"run_dir={local}/run",
+                                       "cluster.storage_path=s3://bucket/dd"])
+        with ray_session(in_bucket.cluster), pytest.raises(UserError, match=r"^run_dir .* node-local: 1 of 3"):
+            check_shared_storage(in_bucket)
     finally:
         launcher.stop_processes(launcher.cluster_processes(str(blind_dir)))
 

@@ -23,7 +23,7 @@ from dd_dist.labels import label_rows, run_label
 from dd_dist.models import load_model
 from dd_dist.pipeline import train_teacher
 from dd_dist.shards import (label_table, load_soft_labels, read_manifest, read_shard, rebuild_topk, stored_probs,
-                            write_shard)
+                            write_manifest, write_shard)
 from dd_dist.verify import verify_labels
 
 pytestmark = pytest.mark.slow
@@ -176,7 +176,7 @@ def test_verify_refuses_each_kind_of_bad_labels_in_one_line(good_labels, teacher
         ids, probs = read_shard(shuffled / shard["file"], 4)
         write_shard(shuffled / shard["file"], label_table(ids, probs[::-1].copy(), np.zeros(len(ids)), "float16", 0))
         shard["sha256"] = file_sha256(shuffled / shard["file"])
-    (shuffled / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(shuffled, manifest)  # a forged manifest, digest and all: only the replay can tell
 
     cases = [
         (out, other_teacher, cfg, "made by another teacher"),

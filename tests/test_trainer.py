@@ -30,17 +30,17 @@ EPOCHS = 6
 def ray_local():
     import ray
 
-    from dd_dist.cluster import WORKER_ENV
+    from dd_dist.cluster import LOCAL_ENV
 
-    # The controller polls workers for reports every 2 s by default; faster, so that the kill
-    # below lands right after epoch 2's checkpoint is registered, well before the run ends.
+    # The controller polls workers for reports every 0.5 s (cluster.WORKER_ENV); faster, so that the
+    # kill below lands right after epoch 2's checkpoint is registered, well before the run ends.
     poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    os.environ.update(poll)
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {**WORKER_ENV, **poll, "DS_ACCELERATOR": "cpu"}})
-    yield
-    ray.shutdown()
-    os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {**LOCAL_ENV, **poll, "DS_ACCELERATOR": "cpu"}})
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +230,54 @@ def test_bad_settings_are_one_line_errors(tmp_path, override, cause):
         train(config(tmp_path, override), "teacher")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "ray_results").exists()
+
+
+STEP_FOR_STEP = """
+import copy, json, os, sys
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import numpy as np, torch, torch.distributed as dist
+import torch.nn.functional as F
+from dd_dist.config import load_config
+from dd_dist.pipeline import build_for, train_split
+from dd_dist.train import epoch_batches, make_optimizer, teacher_batches
+from dd_dist.trainer_worker import _engine
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+cfg = load_config(None, ["data.name=synthetic", "model.arch=mlp", "teacher.lr=0.05", "teacher.batch_size=16"])
+split = train_split(cfg)
+torch.manual_seed(0)
+plain, _ = build_for(cfg, split)
+engine, _ = _engine(copy.deepcopy(plain), cfg.teacher, json.load(open(sys.argv[2])), 1)
+optimizer, batch, norms, gaps = make_optimizer(plain.parameters(), cfg.teacher), teacher_batches(split), [], []
+plain.train(); engine.train()
+for step, ids in enumerate(epoch_batches(np.arange(len(split)), 16, 0, 0)):
+    x, y = batch(ids, 0, step)
+    torch.manual_seed(step)  # the same dropout masks in both
+    loss = F.cross_entropy(plain(x), y)
+    optimizer.zero_grad(); loss.backward()
+    norms.append(torch.cat([p.grad.flatten() for p in plain.parameters()]).norm().item())
+    optimizer.step()
+    torch.manual_seed(step)
+    engine.backward(F.cross_entropy(engine(x), y)); engine.step()
+    gaps.append(max((a - b).abs().max().item() for a, b in zip(plain.parameters(), engine.module.parameters())))
+print(json.dumps({"max_grad_norm": max(norms), "max_gap": max(gaps), "steps": len(gaps)}))
+"""
+
+
+def test_the_deepspeed_engine_takes_the_plain_loops_steps(tmp_path):
+    """Same init, batches and masks: DeepSpeed's SGD steps equal the plain loop's, also when the gradient
+    norm exceeds 1 (DeepSpeed clips at 1.0 by default, which once made the DeepSpeed teacher lag)."""
+    import subprocess
+    import sys
+
+    from mlflow_server import free_port
+
+    script = tmp_path / "step_for_step.py"
+    script.write_text(STEP_FOR_STEP)
+    done = subprocess.run([sys.executable, str(script), str(free_port()), "configs/deepspeed/zero2.json"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 32 and result["max_grad_norm"] > 1  # clipping at 1 would have shown
+    assert result["max_gap"] < 1e-5, result

@@ -1,0 +1,168 @@
+"""`make reproduce`: the paper's protocol through the product's own pipeline (DeepSpeed on Ray Train,
+Ray label actors, MLflow), one (row, seed) at a time, accumulated into one report.
+
+    .venv/bin/python -m benchmarks.reproduce [--rows mnist-lenet,mnist-lenet_all] [--seeds 0,1,2]
+                                             [--budget-h 2.5] [--quick]
+
+Each finished (row, seed) is merged at once into benchmarks/results/reproduce.{json,md} (with
+--quick: reproduce_quick.*), keyed by row and seed, with its stage times and finish time, so that
+invocations with other SEEDS= / ROWS= add to the same table and an interrupted one loses only the
+unit it was running. A unit is not started when the last unit's duration would overrun --budget-h.
+The runs are in the MLflow experiment `dd-dist-reproduce` of the default store (`make mlflow-ui`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from dd_dist.config import load_config
+from dd_dist.data import FASHION_MNIST_DIR
+from dd_dist.evaluate import results_path
+from dd_dist.files import atomic_write, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+EXPERIMENT = "dd-dist-reproduce"
+MNIST_LENET, MNIST_LENET_ALL = "configs/mnist_lenet.yaml", "configs/mnist_lenet_all.yaml"
+FASHION = ["data.name=fashion-mnist", f"data.path={FASHION_MNIST_DIR}"]
+# row -> (config, overrides, reference errors % (standard, MC K=100, distilled) and where they come from)
+ROWS = {
+    "mnist-lenet": (MNIST_LENET, [], ((0.67, 0.67, 0.67), "paper, Table 1")),
+    "mnist-lenet_all": (MNIST_LENET_ALL, [], ((0.51, 0.49, 0.49), "paper, Table 1")),
+    "fashion-lenet": (MNIST_LENET, FASHION, (None, "not in the paper")),
+    "fashion-lenet_all": (MNIST_LENET_ALL, FASHION, (None, "not in the paper")),
+    # Wang & Manning 2013: weight scaling 108 errors, MC x100 105 (of 10,000); no distilled figure.
+    "mnist-mlp": (MNIST_LENET, ["model.arch=mlp"], ((1.08, 1.05, None), "Wang & Manning 2013")),
+    # A smaller student (60 % width) from the full teacher; compare its error with the teacher's standard.
+    "mnist-lenet_all-w0.6": (MNIST_LENET_ALL, ["distill.width=0.6"], (None, "distilled < full standard?")),
+}
+# --quick: the same pipeline on 5k training images, 2k test images, short schedules, K=20.
+QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "teacher.lr=0.01", "teacher.lr_steps=[2]",
+         "distill.epochs=2", "distill.lr=0.001", "distill.lr_steps=[1]", "label.k=20", "eval.ks=[1,20]",
+         "eval.repeats=2"]
+
+
+def run_unit(row: str, seed: int, quick: bool) -> dict:
+    from dd_dist.pipeline import run_pipeline
+
+    config, overrides, _ = ROWS[row]
+    run_dir = REPO / "runs" / ("reproduce-quick" if quick else "reproduce") / f"{row}-seed{seed}"
+    cfg = load_config(REPO / config, [*overrides, *(QUICK if quick else []), f"seed={seed}", f"run_dir={run_dir}",
+                                      f"tracking.experiment={EXPERIMENT}" + ("-quick" if quick else "")])
+    began = time.perf_counter()
+    seconds = run_pipeline(cfg)
+    results = json.loads(results_path(cfg).read_text())["methods"]
+    k = max(int(m[2:]) for m in results if m.startswith("mc"))
+    return {"row": row, "seed": seed, "errors": {"standard": results["standard"]["error"],
+                                                 f"mc{k}": results[f"mc{k}"]["error_mean"],
+                                                 "distilled": results["distilled"]["error"]},
+            "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
+            "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def summarise(units: list[dict]) -> list[dict]:
+    """Per row: mean and spread (min..max) over seeds of each method's error in %, the share of the
+    standard -> MC gap that distillation recovered, and the paper's figures beside them."""
+    rows = []
+    for row in ROWS:
+        mine = sorted((u for u in units if u["row"] == row), key=lambda u: u["seed"])
+        if not mine:
+            continue
+        methods = list(mine[0]["errors"])
+        errors = {m: [100 * u["errors"][m] for u in mine] for m in methods}
+        mean = {m: statistics.fmean(v) for m, v in errors.items()}
+        gap = mean["standard"] - mean[methods[1]]
+        rows.append({"row": row, "seeds": [u["seed"] for u in mine], "methods": methods, "mean": mean,
+                     "spread": {m: (min(v), max(v)) for m, v in errors.items()},
+                     "gap_recovered": (mean["standard"] - mean["distilled"]) / gap if gap > 0.005 else None,
+                     "distilled_le_standard_every_seed": all(u["errors"]["distilled"] <= u["errors"]["standard"]
+                                                             for u in mine),
+                     "reference": ROWS[row][2][0], "reference_source": ROWS[row][2][1],
+                     "stage_seconds_mean": {k: statistics.fmean(u["seconds"][k] for u in mine)
+                                            for k in mine[0]["seconds"]}})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    def cell(s: dict, m: str) -> str:
+        lo, hi = s["spread"][m]
+        return f"{s['mean'][m]:.2f} ({lo:.2f}–{hi:.2f})" if hi > lo else f"{s['mean'][m]:.2f}"
+
+    def ref(s: dict, i: int) -> str:
+        return "–" if not s["reference"] or s["reference"][i] is None else f"{s['reference'][i]:.2f}"
+
+    lines = [f"# Reproduction{' (quick)' if report['quick'] else ''}", "",
+             f"Produced by `python -m benchmarks.reproduce{' --quick' if report['quick'] else ''}` "
+             f"(`make reproduce{'-quick' if report['quick'] else ''}`) through the product pipeline "
+             f"(DeepSpeed on Ray Train, Ray label actors); runs in the MLflow experiment `{report['experiment']}`. "
+             f"Test error %: mean over seeds (min–max); MC = K-mask MC dropout averaged over its repeats.", "",
+             "| row | seeds | standard | MC | distilled | reference std / MC / dist | gap recovered | "
+             "distilled ≤ standard | teacher / label / distill / eval s |",
+             "|---|---|---:|---:|---:|---|---:|---|---|"]
+    for s in report["summary"]:
+        mc = s["methods"][1]
+        gap = "n/a" if s["gap_recovered"] is None else f"{100 * s['gap_recovered']:.0f} %"
+        t = s["stage_seconds_mean"]
+        times = " / ".join(f"{t.get(f'{k}_seconds', 0):.0f}" for k in ("teacher", "label", "distill", "evaluate"))
+        lines.append(f"| {s['row']} | {','.join(map(str, s['seeds']))} | {cell(s, 'standard')} | "
+                     f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
+                     f"({s['reference_source']}) | {gap} | {'yes' if s['distilled_le_standard_every_seed'] else 'NO'} "
+                     f"| {times} |")
+    lines += ["", "Units (one pipeline run each):", "",
+              "| row | seed | finished | total s | run_dir |", "|---|---:|---|---:|---|"]
+    lines += [f"| {u['row']} | {u['seed']} | {u['finished']} | {u['total_seconds']:.0f} | `{u['run_dir']}` |"
+              for u in report["units"]]
+    return "\n".join(lines) + "\n"
+
+
+def merge(path: Path, unit: dict, quick: bool) -> dict:
+    """Add one finished unit to the report on disk (replacing an earlier run of the same row and seed)."""
+    units = json.loads(path.read_text())["units"] if path.is_file() else []
+    units = [u for u in units if (u["row"], u["seed"]) != (unit["row"], unit["seed"])] + [unit]
+    report = {"quick": quick, "experiment": EXPERIMENT + ("-quick" if quick else ""),
+              "machine": f"{platform.machine()}, {platform.python_version()}", "units": units,
+              "summary": summarise(units)}
+    write_json(path, report)
+    atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown(report)))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="mnist-lenet,mnist-lenet_all", help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--budget-h", type=float, default=2.5, help="start no unit that would end after this")
+    parser.add_argument("--quick", action="store_true", help="5k images, short schedules, K=20 (minutes)")
+    args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    path = RESULTS / ("reproduce_quick.json" if args.quick else "reproduce.json")
+    began, last = time.perf_counter(), 0.0
+    for row in rows:
+        if "data.name=fashion-mnist" in ROWS[row][1] and not (REPO / FASHION_MNIST_DIR).is_dir():
+            print(f"reproduce: skipping {row}: no {FASHION_MNIST_DIR} (run `make fashion-mnist`)")
+            continue
+        for seed in seeds:
+            used = time.perf_counter() - began
+            if used + last > 3600 * args.budget_h:
+                print(f"reproduce: stopping before {row} seed {seed}: {used / 3600:.2f} h used, the last unit took "
+                      f"{last / 3600:.2f} h, budget {args.budget_h} h; run again for the rest")
+                return
+            print(f"reproduce: {row} seed {seed}", flush=True)
+            unit = run_unit(row, seed, args.quick)
+            last = unit["total_seconds"]
+            merge(path, unit, args.quick)
+    print(f"reproduce: report in {path.with_suffix('.md').relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

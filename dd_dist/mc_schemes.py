@@ -1,0 +1,221 @@
+"""Cheaper MC labels at equal quality: variance-reduced and adaptive-K estimates of E_sigma[softmax(f_sigma(x))].
+
+A scheme (MCScheme) switches on, each on its own:
+
+- antithetic masks: masks come in pairs (keep_masks(..., antithetic=True)): the second of a pair
+  drops a unit when the first's uniform u, reflected to 1 - u, falls below p. Each mask still drops
+  each unit with probability exactly p, so each sample is still an unbiased draw of f_sigma(x); a
+  pair is averaged into one "unit" of the estimate.
+- a control variate: y = f - g with g = J(zbar) (z - zbar), the first-order expansion of the softmax
+  f around zbar, where z are a sample's logits and zbar = E[z | the masks of every dropout but the
+  last] = the logits with the last dropout weight-scaled (its mask averaged out). That conditional
+  mean is exact when everything after the last dropout is affine (the Linear output layer of mlp,
+  lenet, lenet_all, cifar_quick), so E[g] = 0 exactly and y has the mean of f. The coefficient is
+  fixed at 1: fitting it per row and class (Cov(f, g) / Var(g)) on a handful of samples made the
+  labels worse on MNIST lenet_all (see benchmarks/results/label_efficiency.md), and a coefficient
+  fitted on the samples it corrects is biased by O(1/K). The mean of y sums to 1 but a class can in
+  principle come out below 0 (a mask that swings a minority class's logit far up): such a class is
+  clipped at 0 and the row renormalised, the one departure from an unbiased estimate (it never
+  happened on 1,000 MNIST rows at K = 10..50 nor on the enumerable test net).
+- adaptive K (k = None): masks are drawn in rounds and a row gets as many rounds as its own spread
+  needs for the MC standard error (largest class) to reach stderr_target, between k_min and k_max
+  masks; the K used is returned per row.
+
+Adaptive K cross-fits two independent mask streams A and B per row: each stream's first round
+(k_min / 2 masks) is its pilot, and stream A's number of rounds is planned from stream B's pilot
+and vice versa (var / (2 target^2) units, rounded up to whole rounds, so that the two halves
+together reach the target). So stream A's samples are independent of how many of them are drawn,
+each stream's mean is an exactly unbiased estimate of E_sigma[softmax], and so is the label, their
+mean with fixed weights 1/2. Stopping a row when the spread of its own samples looks small would
+not be: a row whose first masks happen to agree stops early with an estimate pulled towards them.
+The price is a noisy plan: a pilot of n units (k_min / 2 masks, or k_min / 4 antithetic pairs)
+estimates the variance with n - 1 degrees of freedom, so the rows' standard error reaches the target
+only in root mean square and up to the factor sqrt((n - 1) / (n - 3)): 1.7 at k_min = 8, 1.2 at
+k_min = 16 without antithetic masks (the stored mc_stderr tells).
+Masks of stream s, round r come from keep_masks with the seed row_rng_seed(seed, s, r) (a fixed K
+uses stream 0, round 0): a row's label depends on (seed, row id, scheme) only, never on the batch
+or the other rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dd_dist.config import scheme_problem
+from dd_dist.data import row_rng_seed
+from dd_dist.mc import _run, _split_at_first_dropout, _widest, keep_masks, mc_probs
+
+AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate
+
+
+@dataclasses.dataclass(frozen=True)
+class MCScheme:
+    k: int | None = 100  # masks per row; None: adaptive
+    stderr_target: float = 0.005  # adaptive: the MC standard error (largest class) to reach
+    k_min: int = 8  # adaptive: masks of the pilot round (both streams), and the step of K
+    k_max: int = 400  # adaptive: most masks per row
+    antithetic: bool = False
+    control_variate: bool = False
+
+    def __post_init__(self):
+        problem = scheme_problem("auto" if self.k is None else self.k, self.k_min, self.k_max, self.antithetic,
+                                 self.control_variate)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.k is None
+
+    @property
+    def plain(self) -> bool:
+        """The plain K-mask mean of mc_probs: one stream, no variance reduction."""
+        return not (self.adaptive or self.antithetic or self.control_variate)
+
+    @property
+    def unit(self) -> int:
+        """Masks per unit of the estimate: an antithetic pair or a single mask."""
+        return 2 if self.antithetic else 1
+
+    def describe(self) -> str:
+        what = [f"K=auto (MC stderr {self.stderr_target:g}, {self.k_min}..{self.k_max} masks)" if self.adaptive
+                else f"K={self.k}"]
+        return ", ".join(what + ["antithetic masks"] * self.antithetic + ["control variate"] * self.control_variate)
+
+    def record(self) -> dict:
+        """What a label manifest stores (the "scheme" entry): enough to rebuild the scheme."""
+        out = {"k": "auto" if self.adaptive else self.k, "antithetic": self.antithetic,
+               "control_variate": self.control_variate, "streams": 2}
+        if self.adaptive:
+            out |= {"stderr_target": self.stderr_target, "k_min": self.k_min, "k_max": self.k_max}
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict | None, k: int) -> MCScheme:
+        """The scheme of a manifest: its "scheme" entry, or the plain K-mask mean where there is none."""
+        if not record:
+            return cls(k=k)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {key: value for key, value in record.items() if key in fields}
+        return cls(**{**kept, "k": None if kept["k"] == "auto" else kept["k"]})
+
+
+def check_model(model: nn.Sequential, scheme: MCScheme) -> None:
+    """ValueError when the scheme cannot run on the model (a nested dropout; the control variate without
+    an affine tail after the last dropout)."""
+    _Sampler(_split_at_first_dropout(model)[1], scheme, 0, 1)
+
+
+def mc_label(model: nn.Sequential, x: torch.Tensor, row_ids, seed: int, scheme: MCScheme,
+             max_elems: int = 2**22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs (B, C), stderr (B,), k_used (B,) int64) of the scheme; the plain scheme is mc_probs exactly.
+
+    stderr is the largest class's standard error of the estimate, from the spread of its units
+    (0 where a stream has fewer than two units to tell it)."""
+    if scheme.plain:
+        probs, stderr = mc_probs(model, x, row_ids, scheme.k, seed, return_stderr=True, max_elems=max_elems)
+        return probs, stderr, torch.full((len(probs),), scheme.k, dtype=torch.int64)
+    model.eval()
+    ids = torch.as_tensor(row_ids).tolist()
+    if len(ids) != len(x):
+        raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
+    prefix, rest = _split_at_first_dropout(model)
+    sampler = _Sampler(rest, scheme, seed, max_elems)
+    with torch.inference_mode():
+        h = nn.Sequential(*prefix)(x)
+        if not ids:
+            out = nn.Sequential(*rest)(h)
+            return out, out[:, 0], torch.zeros(0, dtype=torch.int64)
+        sampler.size(h[:1])
+        mean, var, units = (_adaptive if scheme.adaptive else _fixed)(sampler, h, ids, scheme)
+        stderr = var.sqrt().amax(1)
+        if scheme.control_variate:  # y = f - g can dip below 0 for a class after an extreme mask; a label cannot
+            mean = mean.clamp_min(0)
+            mean /= mean.sum(1, keepdim=True)
+    return mean.to(x.dtype), stderr.to(x.dtype), units * scheme.unit
+
+
+class _Sampler:
+    """Unit values y of rows, (rows, units, C) float64: the softmax f, minus the control variate g with
+    the control variate, averaged over each antithetic pair with antithetic masks."""
+
+    def __init__(self, rest: list[nn.Module], scheme: MCScheme, seed: int, max_elems: int):
+        self.rest, self.scheme, self.seed, self.max_elems = rest, scheme, seed, max_elems
+        if scheme.control_variate:
+            if not rest:
+                raise ValueError("the control variate needs a dropout layer; this model has none")
+            last = max(i for i, m in enumerate(rest) if isinstance(m, nn.Dropout))
+            tail = rest[last + 1 :]
+            if not tail or not all(isinstance(m, AFFINE) for m in tail):
+                raise ValueError("the control variate needs the last dropout to feed only affine layers "
+                                 f"(Linear, Flatten); this model has {', '.join(type(m).__name__ for m in tail) or 'nothing'} "
+                                 "after it")
+            self.body, self.last, self.tail = rest[:last], rest[last], nn.Sequential(*tail)
+            self.last_layer = sum(isinstance(m, nn.Dropout) for m in self.body)
+
+    def size(self, h1: torch.Tensor) -> None:
+        self.widest = _widest(self.rest, h1)
+
+    def __call__(self, h: torch.Tensor, ids: list[int], stream: int, round_: int, units: int):
+        k, unit = units * self.scheme.unit, self.scheme.unit
+        seed = row_rng_seed(self.seed, stream, round_)
+        chunk = max(1, self.max_elems // (k * self.widest))
+        ys = []
+        for start in range(0, len(ids), chunk):
+            rows = ids[start : start + chunk]
+            masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed, self.scheme.antithetic)  # noqa: E731
+            if not self.scheme.control_variate:
+                y = F.softmax(_run(self.rest, h[start : start + chunk], masks, k), 1)
+            else:
+                pre = _run(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
+                last = lambda layer, n, p: masks(self.last_layer, n, p).reshape(-1, 1, n)  # noqa: E731
+                z = _run([self.last, *self.tail], pre, last, 1)
+                zbar = self.tail(pre)  # E[z | the other masks]: the tail is affine
+                sbar, d = F.softmax(zbar, 1), z - zbar
+                g = sbar * (d - (sbar * d).sum(1, keepdim=True))  # J(zbar) (z - zbar), J = diag(s) - s s^T
+                y = F.softmax(z, 1) - g
+            ys.append(y.double().view(len(rows), units, unit, -1).mean(2))
+        return torch.cat(ys)
+
+
+def _sums(y: torch.Tensor) -> torch.Tensor:
+    """(rows, 2, C): the sum and the sum of squares over units of y (rows, units, C)."""
+    return torch.stack([y.sum(1), (y * y).sum(1)], 1)
+
+
+def _var_of_mean(sums: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Variance of a stream's mean, per row and class, from its sums over n units (0 where n < 2)."""
+    n = n.double().unsqueeze(1)
+    var = (sums[:, 1] - sums[:, 0] ** 2 / n) / (n - 1).clamp_min(1)
+    return torch.where(n >= 2, var.clamp_min(0) / n, torch.zeros_like(var))
+
+
+def _fixed(sample: _Sampler, h, ids, scheme: MCScheme):
+    """K masks in one stream: K / unit units."""
+    units = scheme.k // scheme.unit
+    y = sample(h, ids, 0, 0, units)
+    n = torch.full((len(ids),), units)
+    return y.mean(1), _var_of_mean(_sums(y), n), n
+
+
+def _adaptive(sample: _Sampler, h, ids, scheme: MCScheme):
+    """Pilot rounds of both streams, then each stream's planned rounds, batched over the rows still running."""
+    step, most = scheme.k_min // (2 * scheme.unit), scheme.k_max // (2 * scheme.unit)  # units per round, per stream
+    pilots = [sample(h, ids, s, 0, step) for s in (0, 1)]
+    sums = [_sums(y) for y in pilots]
+    # stream s's size, planned from the other stream's pilot: n units of variance v give the two halves
+    # together a variance (v / n_A + v / n_B) / 4 = v / (2 n) when n_A = n_B = n
+    spread = [pilots[1 - s].var(1).amax(1) for s in (0, 1)]
+    n = [torch.ceil(v / (2 * scheme.stderr_target**2) / step).clamp(1, most // step).long() * step for v in spread]
+    for round_ in range(1, most // step):
+        for s in (0, 1):
+            running = (n[s] > round_ * step).nonzero().squeeze(1)
+            if len(running):
+                sums[s][running] += _sums(sample(h[running], [ids[i] for i in running.tolist()], s, round_, step))
+    mean = (sums[0][:, 0] / n[0].unsqueeze(1) + sums[1][:, 0] / n[1].unsqueeze(1)) / 2
+    var = (_var_of_mean(sums[0], n[0]) + _var_of_mean(sums[1], n[1])) / 4
+    return mean, var, n[0] + n[1]
