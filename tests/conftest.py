@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dd_dist.cluster import LOCAL_ENV
+from dd_dist.cluster import LOCAL_ENV, venv_path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -16,6 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # themselves: their workers inherit this environment.
 for _key, _value in LOCAL_ENV.items():
     os.environ.setdefault(_key, _value)
+os.environ["PATH"] = venv_path()  # the venv's tools (ninja for DeepSpeed's ops) in every process the suite starts
 # Every Ray the suite starts, local or the two-node test cluster, uses token auth with one token of
 # this run: Ray caches the auth mode and token per process, so a process that once spoke to a
 # token cluster cannot later drive a token-less one (its workers' calls back are refused).

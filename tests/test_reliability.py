@@ -444,7 +444,9 @@ def test_the_local_rays_open_ports_refuse_a_client_without_its_token(ray_with_se
     exposed = [item for item in session_listeners() if item[0] not in ("127.0.0.1", "::1")]
     gcs = ray.get_runtime_context().gcs_address
     assert exposed and int(gcs.rsplit(":", 1)[1]) in [port for _, port, _ in exposed]  # what the token guards
-    stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
+    # One connection attempt (Ray retries a refused GCS for 20 s by default): the refusal is the answer.
+    stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {
+        "RAY_AUTH_MODE": "disabled", "RAY_gcs_server_port_wait_time_s": "1"}
     attempt = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{gcs}')"], env=stranger,
                              capture_output=True, text=True, timeout=180)
     assert attempt.returncode != 0 and "InvalidAuthToken" in attempt.stderr

@@ -54,7 +54,7 @@ def config(run_dir: Path, *overrides: str):
         "data.name=synthetic", "model.arch=mlp", "model.p=0.5", f"run_dir={run_dir}",
         f"cluster.storage_path={run_dir / 'ray_results'}", "cluster.num_workers=2", "cluster.max_failures=2",
         f"teacher.epochs={EPOCHS}", "teacher.lr=0.05", "teacher.lr_steps=[4]", "teacher.batch_size=16",
-        "distill.epochs=4", "distill.lr=0.01", "distill.lr_steps=[3]", "distill.batch_size=32",
+        "distill.epochs=3", "distill.lr=0.01", "distill.lr_steps=[2]", "distill.batch_size=32",
         "label.k=16", "label.actors=1", "label.rows_per_shard=256", "label.dtype=float32", *overrides])
 
 
@@ -171,9 +171,9 @@ def test_export_loads_weights_only_and_predicts_like_the_engine(teacher_run, run
 @pytest.mark.slow
 def test_two_zero2_workers_follow_the_loss_curve_of_one(offline_runs):
     (model2, hist2), (model1, hist1) = offline_runs[2], offline_runs[1]
-    assert [r["world"] for r in hist2] == [2] * 4 and [r["world"] for r in hist1] == [1] * 4
+    assert [r["world"] for r in hist2] == [2] * 3 and [r["world"] for r in hist1] == [1] * 3
     # Same batches, same global gradient: only float32 summation order differs (two half-batch
-    # gradients all-reduced vs one), ~1e-7 per step, so 1e-4 relative over 64 steps is generous.
+    # gradients all-reduced vs one), ~1e-7 per step, so 1e-4 relative over 48 steps is generous.
     np.testing.assert_allclose([r["loss"] for r in hist2], [r["loss"] for r in hist1], rtol=1e-4)
     for a, b in zip(model2.state_dict().values(), model1.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -191,7 +191,7 @@ def test_offline_and_online_distillation_lower_the_kl_to_the_mc_teacher(teacher_
     online = kl_to(load_model(path)[0], inputs, mc)
     print(f"KL(MC teacher || student): teacher init {before:.4f}, offline {offline:.4f}, online {online:.4f}")
     assert offline < 0.8 * before
-    assert online < 0.9 * before  # one mask per step: noisier targets, a smaller gain in 4 epochs
+    assert online < 0.9 * before  # one mask per step: noisier targets, a smaller gain in 3 epochs
 
 
 @pytest.mark.slow
