@@ -165,6 +165,15 @@ class Config(Section):
         """Dotted keys -> values, e.g. for MLflow params."""
         return _flatten(self.model_dump())
 
+    def resolved(self) -> Config:
+        """A copy with run_dir, data.path and a local storage_path made absolute, for Ray workers: they
+        may start in another directory (Ray Train's do) or on another node (on the same shared mount)."""
+        absolute = lambda path: path if path is None or "://" in path else str(Path(path).expanduser().resolve())  # noqa: E731
+        return self.model_copy(update={
+            "run_dir": absolute(self.run_dir),
+            "data": self.data.model_copy(update={"path": absolute(self.data.path)}),
+            "cluster": self.cluster.model_copy(update={"storage_path": absolute(self.cluster.storage_path)})})
+
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}

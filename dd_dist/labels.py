@@ -181,6 +181,7 @@ def label_shards(cfg: Config, todo: list[int], n: int, teacher_file: Path, out: 
 
     from dd_dist.cluster import ray_session
 
+    cfg = cfg.resolved()  # the actors may start elsewhere
     lab, use_gpu, r = cfg.label, cfg.cluster.use_gpu, cfg.label.rows_per_shard
     items = [{"shard": s, "start": s * r, "stop": min((s + 1) * r, n)} for s in todo]
     actor_args = dict(teacher=str(teacher_file.resolve()), out=str(out.resolve()), scheme=label_scheme(lab), seed=cfg.seed,

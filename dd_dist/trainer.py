@@ -83,12 +83,13 @@ def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, lis
     out = (teacher_path if stage == "teacher" else student_path)(cfg)
     # The store's URI as the driver resolves it: a relative SQLite path means the driver's directory.
     tracking = {"run_id": run_id, "uri": tracking_uri(cfg.tracking)}
-    loop_config = {"cfg": cfg.model_dump(), "stage": stage, "ds": ds_config, "label_seed": label_seed,
+    absolute = cfg.resolved()  # the workers may start in another directory or on another node
+    loop_config = {"cfg": absolute.model_dump(), "stage": stage, "ds": ds_config, "label_seed": label_seed,
                    "tracking": tracking}
     # A fresh name per call: Ray Train V2 would otherwise resume an earlier run of the same name,
     # whatever its settings were. Restarts inside this run resume from its own checkpoints.
     name = f"{Path(cfg.run_dir).name}-{stage}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-    storage = cfg.cluster.storage_path or str(Path(cfg.run_dir).resolve() / "ray_results")  # local, NFS or s3://
+    storage = absolute.cluster.storage_path or f"{absolute.run_dir}/ray_results"  # local, NFS or s3://
     with ray_session(cfg.cluster):
         # Read once here into the object store: each worker then iterates the blocks instead of running
         # its own read of every shard (two readers on 2 cores tripled a short student's start-up).

@@ -180,12 +180,15 @@ def test_two_zero2_workers_follow_the_loss_curve_of_one(offline_runs):
 
 
 @pytest.mark.slow
-def test_offline_and_online_distillation_lower_the_kl_to_the_mc_teacher(teacher_run, labels, offline_runs, run_dir):
+def test_offline_and_online_distillation_lower_the_kl_to_the_mc_teacher(teacher_run, labels, offline_runs, run_dir,
+                                                                       monkeypatch):
     cfg = teacher_run[0]
     inputs, mc = augmented_inputs_and_labels(cfg, labels)
     before = kl_to(load_model(teacher_run[1])[0], inputs, mc)  # the students start as the teacher
     offline = kl_to(offline_runs[2][0], inputs, mc)
-    online_cfg = config(run_dir, "distill.mode=online", "distill.init=teacher",
+    # run_dir relative to this directory, as in configs/demo.yaml: Ray Train's workers start elsewhere.
+    monkeypatch.chdir(run_dir.parent)
+    online_cfg = config(Path(run_dir.name), "distill.mode=online", "distill.init=teacher",
                         "cluster.deepspeed=configs/deepspeed/zero2.json")
     path, history = train(online_cfg, "student")
     online = kl_to(load_model(path)[0], inputs, mc)
