@@ -32,7 +32,7 @@ from dd_dist.shards import label_table, write_shard
 K, BATCH, SEED, ZERO_P = 100, 256, 0, 0.2
 RESULTS = Path(__file__).resolve().parent / "results"
 # rows per measurement: naive loop, in-process MC, Ray (and the rows of one shard)
-ROWS = {"lenet": (512, 8192, 16384, 1024), "lenet_all": (256, 1024, 2048, 128)}
+ROWS = {"lenet": (512, 8192, 16384, 1024), "lenet_all": (256, 2048, 4096, 256)}
 
 
 def timed_rate(rows: int, label_batch, ready=lambda: None) -> float:

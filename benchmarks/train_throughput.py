@@ -97,7 +97,7 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096, help="MNIST training rows")
+    parser.add_argument("--rows", type=int, default=16384, help="MNIST training rows")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement (>= 2)")
     args = parser.parse_args()
     import ray

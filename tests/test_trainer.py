@@ -32,7 +32,7 @@ def ray_local():
 
     from dd_dist.cluster import LOCAL_ENV
 
-    # The controller polls workers for reports every 0.5 s (cluster.WORKER_ENV); faster, so that the
+    # The controller polls workers for reports every 0.5 s in this suite (conftest); faster, so that the
     # kill below lands right after epoch 2's checkpoint is registered, well before the run ends.
     poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     with pytest.MonkeyPatch.context() as mp:
