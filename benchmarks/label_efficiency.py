@@ -96,19 +96,22 @@ def measure(teacher, ids, inputs, reference, family: str, scheme: MCScheme) -> d
     return row
 
 
-def teacher_for(data: str, epochs: int, quick: bool) -> tuple[object, Path, dict]:
-    """The dataset's lenet_all teacher (config, checkpoint, facts), trained here unless cached."""
+def teacher_for(data: str, epochs: int, quick: bool, given: str | None) -> tuple[object, Path, dict]:
+    """The dataset's lenet_all teacher (config, checkpoint, facts): `given`, or trained here unless cached."""
     run_dir = REPO / "runs" / "label-efficiency" / f"{data}-lenet_all-e{epochs}{'-quick' if quick else ''}"
     cfg = load_config(CONFIG, [*DATA[data], f"run_dir={run_dir}", f"teacher.epochs={epochs}",
                                f"teacher.lr_steps=[{max(1, 2 * epochs // 3)}]" if epochs > 1 else "teacher.lr_steps=[]",
                                *(["data.train_rows=5000", "data.test_rows=2000"] if quick else [])])
-    began, cached = time.perf_counter(), teacher_path(cfg).is_file()
+    path = Path(given).resolve() if given else teacher_path(cfg)
+    began, cached = time.perf_counter(), path.is_file()
     if not cached:
         print(f"{data}: training the lenet_all teacher ({epochs} epochs, plain loop) into {run_dir}", flush=True)
         train_teacher(cfg)
-    teacher = load_model(teacher_path(cfg))[0]
-    return cfg, teacher, {"epochs": epochs, "train_seconds": None if cached else time.perf_counter() - began,
-                          "test_error": test_error(teacher, cfg), "checkpoint": str(teacher_path(cfg).relative_to(REPO))}
+    teacher, spec = load_model(path)
+    if spec["arch"] != "lenet_all":
+        raise SystemExit(f"label_efficiency: {path} is a {spec['arch']} teacher, not lenet_all")
+    return cfg, teacher, {"epochs": None if given else epochs, "train_seconds": None if cached else time.perf_counter() - began,
+                          "test_error": test_error(teacher, cfg), "checkpoint": str(path.relative_to(REPO))}
 
 
 def test_error(model, cfg) -> float:
@@ -198,9 +201,10 @@ def markdown(report: dict) -> str:
         q, t = r["quality"], r["teacher"]
         base = q["baseline"]
         lines += [f"## {data} lenet_all", "",
-                  f"Teacher: {t['epochs']} epochs (the paper's schedule, plain loop"
-                  + (f", trained here in {t['train_seconds']:.0f} s" if t["train_seconds"] else ", an earlier run's")
-                  + f"), standard-dropout test error {100 * t['test_error']:.2f} %, `{t['checkpoint']}`. "
+                  ("Teacher: given" if t["epochs"] is None else
+                   f"Teacher: {t['epochs']} epochs (the paper's schedule, plain loop"
+                   + (f", trained here in {t['train_seconds']:.0f} s)" if t["train_seconds"] else ", an earlier run's)"))
+                  + f", standard-dropout test error {100 * t['test_error']:.2f} %, `{t['checkpoint']}`. "
                   f"{q['images']} training images, reference K={q['reference_k']}.", "",
                   "| scheme | passes / image | mean KL | KL seed 0 / 1 | ms / image | time vs K=100 |",
                   "|---|---:|---:|---|---:|---:|"]
@@ -240,18 +244,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="training images to measure label quality on")
     parser.add_argument("--reference-k", type=int, default=2000)
     parser.add_argument("--teacher-epochs", type=int, default=30, help="the paper's 20 + 10 epochs")
+    parser.add_argument("--teachers", default="", metavar="DATA=PATH,...",
+                        help="lenet_all teachers to use instead of training them, e.g. "
+                             "mnist=runs/reproduce/mnist-lenet_all-seed0/teacher/model.pt")
     parser.add_argument("--students", type=int, default=3, help="student seeds per label set (MNIST); 0: none")
     parser.add_argument("--student-epochs", type=int, default=30, help="the paper's 20 + 10 epochs")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 5k images, tiny budgets")
     args = parser.parse_args()
     if args.quick:
         args.images, args.reference_k, args.teacher_epochs, args.students, args.student_epochs = 100, 300, 1, 1, 1
+    teachers = dict(item.split("=", 1) for item in args.teachers.split(",") if item)
     report = {**machine(), "threads": torch.get_num_threads(), "quick": args.quick, "data": {}}
     for data in [d.strip() for d in args.data.split(",") if d.strip()]:
         if data == "fashion-mnist" and not (REPO / FASHION_MNIST_DIR).is_dir():
             print(f"label_efficiency: skipping fashion-mnist: no {FASHION_MNIST_DIR} (run `make fashion-mnist`)")
             continue
-        cfg, teacher, facts = teacher_for(data, args.teacher_epochs, args.quick)
+        cfg, teacher, facts = teacher_for(data, args.teacher_epochs, args.quick, teachers.get(data))
         print(f"{data}: teacher test error {100 * facts['test_error']:.2f} %; label quality on {args.images} images",
               flush=True)
         result = {"teacher": facts, "quality": quality(cfg, teacher, args.images, args.reference_k)}

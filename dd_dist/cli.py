@@ -22,13 +22,6 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def not_built(stage: str):
-    def run(cfg: Config, args) -> None:
-        raise UserError(f"the '{stage}' stage is not built yet")
-
-    return run
-
-
 def cmd_teacher(cfg: Config, args) -> None:
     from dd_dist.pipeline import teacher_stage
 
@@ -63,7 +56,7 @@ def cmd_evaluate(cfg: Config, args) -> None:
 def cmd_compare(cfg: Config, args) -> None:
     from dd_dist.compare import compare
 
-    print(compare(cfg, args.experiment))
+    print(compare(cfg, args.experiment, args.out))
 
 
 def cmd_pipeline(cfg: Config, args) -> None:

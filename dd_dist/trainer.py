@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dd_dist.config import Config, TrainConfig
 from dd_dist.errors import UserError
-from dd_dist.files import atomic_write
+from dd_dist.files import atomic_write, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 HISTORY = "history.json"  # per-epoch metrics, carried from checkpoint to checkpoint by rank 0
@@ -112,6 +112,7 @@ def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, lis
     with result.checkpoint.as_directory() as final:
         history = json.loads((Path(final) / HISTORY).read_text())
         atomic_write(out, lambda tmp: shutil.copyfile(Path(final) / MODEL, tmp))
+    write_json(out.parent / HISTORY, {"stage": stage, "epochs": history})
     return out, history
 
 

@@ -140,6 +140,10 @@ def test_compare_tabulates_the_store(trained, tmp_path):
     assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| MC K=")] == \
         ["MC K=1", "MC K=2", "MC K=50"]
     assert (tmp_path / "compare.md").is_file() and len(list(tmp_path.glob("*.png"))) == 3
+    # the CLI writes the same report where --out says
+    assert main(["compare", "--experiment", "test-evaluate", "--out", str(tmp_path / "cli"),
+                 f"tracking.uri={cfg.tracking.uri}", f"run_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert (tmp_path / "cli" / "compare.md").read_text() == report + "\n" and not (tmp_path / "elsewhere").exists()
 
 
 def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys):

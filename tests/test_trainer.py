@@ -148,6 +148,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(teacher_run):
     # one, which began at the checkpoint's epoch, not at epoch 0.
     assert [row["resumed_from"] for row in history] == [0] * restart + [restart] * (EPOCHS - restart)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]  # it kept learning after the restart
+    assert json.loads((path.parent / "history.json").read_text()) == {"stage": "teacher", "epochs": history}
     assert [round(row["lr"], 6) for row in history] == [0.05] * 4 + [0.005] * 2  # the schedule survived
 
 
