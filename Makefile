@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ reproduce: setup
 # The same pipeline on 5k images with short schedules, in minutes: benchmarks/results/reproduce_quick.md.
 reproduce-quick: setup
 	$(BIN)/python -m benchmarks.reproduce --quick --seeds $(SEEDS) --rows $(ROWS)
+
+# Speed in one report, benchmarks/results/bench.md: labels, training, MC-100 vs the demo's student (runs the demo
+# first if it has not run), label bytes per row, label time against K and actors.
+bench: setup
+	test -f runs/demo/student/model.pt || $(BIN)/dd-dist demo
+	$(BIN)/python -m benchmarks.bench
 
 # Cluster targets: launch-cluster, down, cluster-status, submit, logs, stop.
 -include launch/cluster.mk

@@ -12,16 +12,14 @@ actor start-up; the overall rate (start-up included) is reported beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
 from dd_dist.data import augment, load_split
 from dd_dist.labels import label_rows, label_shards
@@ -30,7 +28,6 @@ from dd_dist.models import build_model, model_spec, save_model
 from dd_dist.shards import label_table, write_shard
 
 K, BATCH, SEED, ZERO_P = 100, 256, 0, 0.2
-RESULTS = Path(__file__).resolve().parent / "results"
 # rows per measurement: naive loop, in-process MC, Ray (and the rows of one shard)
 ROWS = {"lenet": (512, 8192, 16384, 1024), "lenet_all": (256, 2048, 4096, 256)}
 
@@ -130,38 +127,48 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="an eighth of the rows (a smoke run)")
-    args = parser.parse_args()
+def measure(rows: dict) -> dict:
+    """Every figure of the report, for `rows` per net (see ROWS); starts and stops its own local Ray."""
     import ray
 
-    rows = {arch: tuple(max(n // 8, 64) for n in r[:3]) + (max(r[3] // 8, 32),) if args.quick else r
-            for arch, r in ROWS.items()}
     split = load_split("mnist", "train")
     x = torch.from_numpy(split.x)
-    report = {"k": K, "batch_size": BATCH, "threads": 1, "rows": rows, "nets": {},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "load_average": [round(v, 2) for v in os.getloadavg()]}
+    report = {"k": K, "batch_size": BATCH, "threads": 1, "rows": rows, "nets": {}, **machine()}
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
             for arch, (naive_rows, mc_rows, ray_rows, rows_per_shard) in rows.items():
-                torch.manual_seed(SEED)
-                spec = model_spec(arch, split.in_shape, split.num_classes, 0.5)
-                model = build_model(**spec)
-                teacher = workdir / f"{arch}.pt"
-                save_model(teacher, model, spec)
+                model, teacher = untrained(arch, split, workdir)
                 report["nets"][arch] = {**in_process_rates(arch, model, x, naive_rows, mc_rows),
                                         **ray_rates(arch, teacher, ray_rows, rows_per_shard, workdir)}
                 if arch == "lenet":
                     report["bytes_per_row"] = bytes_per_row(model, x, 4096, workdir)
     finally:
         ray.shutdown()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "label_throughput.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "label_throughput.md").write_text(markdown(report))
+    return report
+
+
+def untrained(arch: str, split, workdir: Path) -> tuple[torch.nn.Module, Path]:
+    """A default-initialised net of `arch` and its checkpoint in workdir (speed does not depend on weights)."""
+    torch.manual_seed(SEED)
+    spec = model_spec(arch, split.in_shape, split.num_classes, 0.5)
+    model = build_model(**spec)
+    save_model(workdir / f"{arch}.pt", model, spec)
+    return model, workdir / f"{arch}.pt"
+
+
+def scaled(rows: dict, divisor: int) -> dict:
+    """ROWS with every count divided (at least 64 rows a measurement, 32 a shard)."""
+    return {arch: tuple(max(n // divisor, 64) for n in r[:3]) + (max(r[3] // divisor, 32),) for arch, r in rows.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="an eighth of the rows (a smoke run)")
+    args = parser.parse_args()
+    report = measure(scaled(ROWS, 8) if args.quick else ROWS)
+    write_report("label_throughput", report, markdown(report))
     print(markdown(report))
 
 

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
-from dd_dist.files import atomic_write, write_json
 from dd_dist.models import init_student_from_teacher, load_model, save_model
 from dd_dist.pipeline import build_for, teacher_path, train_split
 from dd_dist.shards import load_soft_labels
 from dd_dist.train import fit, offline_batches
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 RUNS = [("deepspeed_1_worker_zero0", 1, "zero0"), ("deepspeed_1_worker_zero2", 1, "zero2"),
         ("deepspeed_2_workers_zero2", 2, "zero2")]
@@ -95,22 +93,17 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=16384, help="MNIST training rows")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement (>= 2)")
-    args = parser.parse_args()
+def measure(rows: int, epochs: int) -> dict:
+    """Every figure of the report on `rows` MNIST rows, `epochs` per trainer; starts and stops its own local Ray."""
     import ray
 
     from dd_dist.cluster import LOCAL_ENV
     from dd_dist.labels import run_label
 
-    report = {"rows": args.rows, "batch_size": BATCH, "epochs": args.epochs, "threads": 1,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "load_average": [round(v, 2) for v in os.getloadavg()]}
+    report = {"rows": rows, "batch_size": BATCH, "epochs": epochs, "threads": 1, **machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"run_dir={tmp}/run", "data.name=mnist", f"data.train_rows={args.rows}", "model.arch=lenet",
-                f"distill.epochs={args.epochs}", f"distill.lr_steps=[{args.epochs - 1}]", f"distill.batch_size={BATCH}",
+        base = [f"run_dir={tmp}/run", "data.name=mnist", f"data.train_rows={rows}", "model.arch=lenet",
+                f"distill.epochs={epochs}", f"distill.lr_steps=[{epochs - 1}]", f"distill.batch_size={BATCH}",
                 "label.k=4", "label.actors=1", "label.rows_per_shard=1024", "cluster.cpus_per_worker=1",
                 f"cluster.storage_path={tmp}/ray_results"]
         cfg = load_config(None, base)
@@ -133,9 +126,16 @@ def main() -> None:
     report["overhead_1_worker_zero2"] = plain / report["deepspeed_1_worker_zero2"]["samples_per_s"]
     report["two_vs_one_worker"] = (report["deepspeed_2_workers_zero2"]["samples_per_s"]
                                    / report["deepspeed_1_worker_zero2"]["samples_per_s"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "train_throughput.json", report)
-    atomic_write(RESULTS / "train_throughput.md", lambda tmp: Path(tmp).write_text(markdown(report)))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16384, help="MNIST training rows")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per measurement (>= 2)")
+    args = parser.parse_args()
+    report = measure(args.rows, args.epochs)
+    write_report("train_throughput", report, markdown(report))
     print(markdown(report))
 
 
