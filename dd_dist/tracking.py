@@ -58,12 +58,20 @@ def use_store(cfg: TrackingConfig) -> str:
     return uri
 
 
+# Tells MLflow's UI that the experiment holds training runs, so that it opens on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def configure(cfg: TrackingConfig) -> str | None:
     """use_store() plus the experiment by name (created if missing); its id, or None if unreachable."""
     uri = use_store(cfg)
     ok, experiment = _attempt(f"opening experiment {cfg.experiment!r} at {redact(uri)}", mlflow.set_experiment,
                               cfg.experiment)
-    return experiment.experiment_id if ok else None
+    if not ok:
+        return None
+    if experiment.tags.get(EXPERIMENT_KIND[0]) is None:  # MLflow 3's UI opens untagged experiments on GenAI traces
+        _attempt("tagging the experiment", mlflow.set_experiment_tag, *EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def is_rank_zero() -> bool:

@@ -90,6 +90,8 @@ def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
 
     # The REST API lists the whole family: the parent, its four stages, and the compare run.
     experiment = rest(server["url"], "/api/2.0/mlflow/experiments/get-by-name?experiment_name=pipeline-test")
+    # tagged as training runs, so that the UI opens on the runs table, not on GenAI traces
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["experiment"]["tags"]
     runs = rest(server["url"], "/api/2.0/mlflow/runs/search",
                 {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
