@@ -30,7 +30,8 @@ from dd_dist.config import load_config
 from dd_dist.data import load_split
 from dd_dist.labels import label_rows
 from dd_dist.mc import naive_mc_loop
-from dd_dist.pipeline import student_path, teacher_path
+from dd_dist.models import load_model
+from dd_dist.pipeline import student_path, teacher_path, test_split
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,7 +54,8 @@ def label_time_vs_k(rows: dict) -> dict:
             model, _ = label_throughput.untrained(arch, split, Path(tmp))
             out[arch] = {}
             for k in KS:
-                rate = label_throughput.timed_rate(n, lambda ids: label_rows(model, x, ids, k, 0, 0.2, 0.0))
+                rate = label_throughput.timed_rate(n, lambda ids: label_rows(model, x, ids, k, label_throughput.SEED,
+                                                                                    label_throughput.ZERO_P, 0.0))
                 out[arch][k] = 1000 / rate
                 print(f"{arch}: K={k} {out[arch][k]:.2f} s per 1000 rows", flush=True)
     return out
@@ -86,9 +88,6 @@ def inference(config: Path, repeats: int) -> dict:
 
 def naive_latency_ms(cfg) -> float:
     """ms per image of the textbook MC loop (K full passes, dropout in train mode) on the first test images."""
-    from dd_dist.models import load_model
-    from dd_dist.pipeline import test_split
-
     torch.set_num_threads(1)
     teacher = load_model(teacher_path(cfg))[0]
     x = torch.from_numpy(test_split(cfg).x[:NAIVE_IMAGES])
@@ -177,8 +176,9 @@ def main() -> None:
     report["training"] = train_throughput.measure(2048 if args.quick else 8192, 2 if args.quick else 3)
     report["seconds"] = time.perf_counter() - began
     plot(report, RESULTS / "bench_label_scaling.png")
-    print(markdown(report))
-    print(f"wrote {write_report('bench', report, markdown(report))}")
+    text = markdown(report)
+    print(text)
+    print(f"wrote {write_report('bench', report, text)}")
 
 
 if __name__ == "__main__":
