@@ -1,5 +1,5 @@
-"""Label quality against teacher forward passes: fixed K vs antithetic masks, the control variate and
-adaptive K (dd_dist/mc_schemes.py), on MNIST and Fashion-MNIST `lenet_all`.
+"""Label quality against teacher forward passes: fixed K vs antithetic masks, the control variate, mask
+trees and adaptive K (dd_dist/mc_schemes.py), on MNIST and Fashion-MNIST `lenet_all`.
 
     .venv/bin/python -m benchmarks.label_efficiency [--data mnist,fashion-mnist] [--images 1000]
         [--reference-k 2000] [--teacher-epochs 30] [--students 3] [--student-epochs 30] [--quick]
@@ -8,7 +8,8 @@ Per dataset: a lenet_all teacher trained with the paper's MNIST schedule in the 
 runs/label-efficiency/), the first --images training images in their label view (augmentation epoch 0),
 reference labels from --reference-k plain masks with a seed of their own, then every scheme's labels of
 the same images (float32, two mask seeds): label quality = mean KL(reference || labels), against teacher
-forward passes per image (K; for adaptive K the mean K its rows used). The cheapest other scheme whose KL is no
+forward passes per image: K (for adaptive K the mean K its rows used) times the compute of a mask's subtree
+in full passes (1 without a mask tree; multiply-adds, mc_schemes.passes_per_mask). The cheapest other scheme whose KL is no
 higher than fixed K=100's is the equal-quality pick; it is then checked on the next --images images, which
 played no part in picking it. On MNIST, --students N distils N students (seeds 0..N-1) from the teacher on
 the whole training set labelled with K=100 and with the pick, and compares their test errors.
@@ -30,7 +31,7 @@ from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
 from dd_dist.data import FASHION_MNIST_DIR, augment
 from dd_dist.mc import standard_probs
-from dd_dist.mc_schemes import MCScheme, mc_label
+from dd_dist.mc_schemes import MCScheme, mc_label, passes_per_mask
 from dd_dist.models import init_student_from_teacher, load_model
 from dd_dist.pipeline import build_for, teacher_path, test_split, train_split, train_teacher
 from dd_dist.train import fit, offline_batches
@@ -53,6 +54,9 @@ def schemes() -> list[tuple[str, MCScheme]]:
     out += [("antithetic", MCScheme(k=k, antithetic=True)) for k in reduced]
     out += [("control variate", MCScheme(k=k, control_variate=True)) for k in reduced]
     out += [("antithetic + control variate", MCScheme(k=k, antithetic=True, control_variate=True)) for k in reduced]
+    # more masks at the cheap layers near the output: lenet_all's conv after the first dropout is ~8x the rest
+    out += [("mask tree 4x4 + antithetic", MCScheme(k=k, fanout=(4, 4), antithetic=True)) for k in (8, 12, 16, 24)]
+    out += [("mask tree 2x8 + antithetic", MCScheme(k=k, fanout=(2, 8), antithetic=True)) for k in (8, 16, 24)]
     out += [("adaptive K", MCScheme(k=None, stderr_target=t, k_min=8, k_max=400))
             for t in (0.01, 0.005, 0.0025, 0.00125)]
     out += [("adaptive K + antithetic + control variate",
@@ -101,8 +105,9 @@ def allocation_gain(teacher, ids, inputs, reference, scheme: MCScheme) -> float:
 def measure(teacher, ids, inputs, reference, family: str, scheme: MCScheme) -> dict:
     runs = [labels(teacher, ids, inputs, seed, scheme) for seed in SEEDS]
     kls = [mean_kl(reference, probs) for probs, _, _ in runs]
-    row = {"family": family, "scheme": scheme.describe(), "record": scheme.record(),
-           "passes": statistics.fmean(float(k.mean()) for _, k, _ in runs),
+    masks = statistics.fmean(float(k.mean()) for _, k, _ in runs)
+    row = {"family": family, "scheme": scheme.describe(), "record": scheme.record(), "masks": masks,
+           "passes": masks * passes_per_mask(teacher, scheme, inputs.shape[1:]),
            "kl": statistics.fmean(kls), "kl_per_seed": kls,
            "ms_per_image": 1000 * statistics.fmean(s for _, _, s in runs) / len(ids)}
     print(f"  {row['scheme']:<70} {row['passes']:7.1f} passes  KL {row['kl']:.2e}  {row['ms_per_image']:.2f} ms/img",
@@ -180,7 +185,8 @@ def students(cfg, teacher, pick: dict, seeds: int, epochs: int) -> dict:
                 "student", seed, log=lambda row: None)
             errors.append(test_error(student, cfg))
             print(f"  student on {name} labels, seed {seed}: test error {100 * errors[-1]:.2f} %", flush=True)
-        out["sets"][name] = {"passes": float(ks.mean()), "label_seconds": seconds, "errors": errors,
+        out["sets"][name] = {"passes": float(ks.mean()) * passes_per_mask(teacher, scheme, inputs.shape[1:]),
+                             "label_seconds": seconds, "errors": errors,
                              "mean": statistics.fmean(errors), "spread": max(errors) - min(errors)}
     first, second = out["sets"].values()
     out["difference"] = second["mean"] - first["mean"]
@@ -211,7 +217,8 @@ def markdown(report: dict) -> str:
              f"Produced by `python -m benchmarks.label_efficiency` ({report['machine']}; load average at start "
              f"{report['load_average']}; {report['threads']} torch threads). Quality = mean KL(reference || labels) "
              "over the images, labels in float32, mean of mask seeds 0 and 1; reference = plain MC with its own "
-             "seed. Passes = teacher forward passes (masks) per image; adaptive K: the mean over rows. ms / image: "
+             "seed. Passes = teacher forward passes per image: the masks K (adaptive K: the mean over rows) times, for a "
+             "mask tree, the multiply-adds of a mask's whole subtree in full passes after the first dropout. ms / image: "
              "wall time of the labels, measured side by side in this run.", "",
              "![label efficiency](label_efficiency.png)", ""]
     for data, r in report["data"].items():

@@ -56,9 +56,12 @@ class DistillConfig(TrainConfig):
     width: float = Field(1.0, gt=0, le=1)  # < 1: a smaller student
 
 
-def scheme_problem(k: int | str, k_min: int, k_max: int, antithetic: bool, control_variate: bool) -> str | None:
+def scheme_problem(k: int | str, k_min: int, k_max: int, antithetic: bool, control_variate: bool,
+                   fanout=()) -> str | None:
     """Why an MC label scheme (see dd_dist.mc_schemes) cannot run, in one line; None when it can."""
     unit = 2 if antithetic else 1
+    if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in fanout):
+        return f"fanout {list(fanout)} must list whole numbers >= 1 (samples per sample of the dropout layer above)"
     if k == "auto":
         if k_min % (2 * unit) or k_min < 4 * unit:
             return (f"k_min {k_min} must be a multiple of {2 * unit} and at least {4 * unit} with k=auto"
@@ -82,6 +85,9 @@ class LabelConfig(Section):
     k_max: int = Field(400, ge=1)  # k=auto: most masks per image
     antithetic: bool = False  # masks in antithetic pairs (a mask and its reflection)
     control_variate: bool = False  # subtract the softmax's first-order expansion around the last dropout's mean
+    # a mask tree: each sample of the 2nd, 3rd, ... dropout layer branches into this many (cheap layers
+    # near the output get more masks); [] = one mask per layer per sample
+    fanout: list[int] = []
     actors: int = Field(2, ge=1)  # Ray label actors
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float32", "float16", "topk"] = "float16"
@@ -103,7 +109,7 @@ class LabelConfig(Section):
 
     @model_validator(mode="after")
     def _scheme_runs(self):
-        problem = scheme_problem(self.k, self.k_min, self.k_max, self.antithetic, self.control_variate)
+        problem = scheme_problem(self.k, self.k_min, self.k_max, self.antithetic, self.control_variate, self.fanout)
         if problem:
             raise ValueError(problem)
         return self

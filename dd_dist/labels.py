@@ -40,7 +40,8 @@ def labels_dir(cfg: Config) -> Path:
 def label_scheme(lab) -> MCScheme:
     """The MC scheme a LabelConfig asks for."""
     return MCScheme(k=None if lab.k == "auto" else lab.k, stderr_target=lab.stderr_target, k_min=lab.k_min,
-                    k_max=lab.k_max, antithetic=lab.antithetic, control_variate=lab.control_variate)
+                    k_max=lab.k_max, antithetic=lab.antithetic, control_variate=lab.control_variate,
+                    fanout=tuple(lab.fanout))
 
 
 def label_rows(model, x: torch.Tensor, ids: torch.Tensor, k: int | MCScheme, seed: int, zero_p: float, flip_p: float,

@@ -93,7 +93,9 @@ def _split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list
 def _run(modules, h, masks, samples: int) -> torch.Tensor:
     """Run modules with inverted dropout, masks(layer, units, p) giving the (rows, samples, units)
     keep-masks of the layer-th dropout. h has one row per input until the first dropout broadcasts it
-    to rows*samples rows: cheaper than copying h for each sample and then masking the copy."""
+    to rows*samples rows: cheaper than copying h for each sample and then masking the copy. A later
+    layer may get more samples per row than the one above (a mask tree, MCScheme.fanout): each sample
+    then branches into that many, its children next to each other."""
     layer, expanded = 0, False
     for module in modules:
         if not isinstance(module, nn.Dropout):
@@ -103,6 +105,9 @@ def _run(modules, h, masks, samples: int) -> torch.Tensor:
         keep = masks(layer, shape.numel(), module.p).to(h.device)
         scale = 1 / (1 - module.p) if module.p < 1 else 0.0
         if expanded:
+            branches = keep.shape[0] * keep.shape[1] // len(h)
+            if branches > 1:
+                h = h.repeat_interleave(branches, dim=0)
             h = (h * keep.view(h.shape)).mul_(scale)
         else:
             h = ((h * scale).reshape(len(h), 1, -1) * keep).view(-1, *shape)

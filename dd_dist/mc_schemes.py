@@ -17,6 +17,14 @@ A scheme (MCScheme) switches on, each on its own:
   principle come out below 0 (a mask that swings a minority class's logit far up): such a class is
   clipped at 0 and the row renormalised, the one departure from an unbiased estimate (it never
   happened on 1,000 MNIST rows at K = 10..50 nor on the enumerable test net).
+- a mask tree (fanout): the masks of the first dropout are K full samples; each sample of the 2nd
+  dropout layer branches into fanout[0] masks, each of those into fanout[1] at the 3rd, and so on,
+  so the layers after a dropout run once per branch and the label is the mean over all K * prod(fanout)
+  leaves. Each leaf is an exact draw of every layer's mask (the layers' masks come from independent
+  streams), so the mean stays unbiased, and the K first-layer subtrees are independent units of the
+  standard error. On lenet_all the conv layer after the first dropout costs ~8x the rest, while much
+  of the spread comes from the later dropouts: cheap masks there buy most of the quality
+  (benchmarks/results/label_efficiency.md). With antithetic masks, siblings pair up where a fanout is even.
 - adaptive K (k = None): masks are drawn in rounds and a row gets as many rounds as its own spread
   needs for the MC standard error (largest class) to reach stderr_target, between k_min and k_max
   masks; the K used is returned per row.
@@ -60,10 +68,12 @@ class MCScheme:
     k_max: int = 400  # adaptive: most masks per row
     antithetic: bool = False
     control_variate: bool = False
+    fanout: tuple[int, ...] = ()  # mask tree: branches per sample at the 2nd, 3rd, ... dropout layer
 
     def __post_init__(self):
+        object.__setattr__(self, "fanout", tuple(self.fanout))  # a manifest or YAML gives a list
         problem = scheme_problem("auto" if self.k is None else self.k, self.k_min, self.k_max, self.antithetic,
-                                 self.control_variate)
+                                 self.control_variate, self.fanout)
         if problem:
             raise ValueError(problem)
 
@@ -74,7 +84,12 @@ class MCScheme:
     @property
     def plain(self) -> bool:
         """The plain K-mask mean of mc_probs: one stream, no variance reduction."""
-        return not (self.adaptive or self.antithetic or self.control_variate)
+        return not (self.adaptive or self.antithetic or self.control_variate or self.leaves > 1)
+
+    @property
+    def leaves(self) -> int:
+        """Leaf samples under each mask of the first dropout layer."""
+        return math.prod(self.fanout)
 
     @property
     def unit(self) -> int:
@@ -84,12 +99,15 @@ class MCScheme:
     def describe(self) -> str:
         what = [f"K=auto (MC stderr {self.stderr_target:g}, {self.k_min}..{self.k_max} masks)" if self.adaptive
                 else f"K={self.k}"]
-        return ", ".join(what + ["antithetic masks"] * self.antithetic + ["control variate"] * self.control_variate)
+        tree = [f"fanout {'x'.join(map(str, self.fanout))}"] if self.leaves > 1 else []
+        return ", ".join(what + tree + ["antithetic masks"] * self.antithetic + ["control variate"] * self.control_variate)
 
     def record(self) -> dict:
         """What a label manifest stores (the "scheme" entry): enough to rebuild the scheme."""
         out = {"k": "auto" if self.adaptive else self.k, "antithetic": self.antithetic,
                "control_variate": self.control_variate, "streams": 2}
+        if self.leaves > 1:
+            out["fanout"] = list(self.fanout)
         if self.adaptive:
             out |= {"stderr_target": self.stderr_target, "k_min": self.k_min, "k_max": self.k_max}
         return out
@@ -102,6 +120,27 @@ class MCScheme:
         fields = {f.name for f in dataclasses.fields(cls)}
         kept = {key: value for key, value in record.items() if key in fields}
         return cls(**{**kept, "k": None if kept["k"] == "auto" else kept["k"]})
+
+
+def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
+    """The compute of one first-layer mask with its subtree, in full passes of the network after its first
+    dropout (the part MC repeats; the prefix runs once per image), counted in multiply-adds of the Conv
+    and Linear layers: 1 without a tree, so K masks cost K passes; with a fanout, each segment between
+    two dropouts counts as often as it runs."""
+    prefix, rest = _split_at_first_dropout(model)
+    sampler = _Sampler(rest, scheme, 0, 1)
+    layer, cost, h = -1, [], nn.Sequential(*prefix).eval()(torch.zeros(1, *in_shape))
+    with torch.inference_mode():
+        for module in rest:
+            if isinstance(module, nn.Dropout):
+                layer, _ = layer + 1, cost.append(0.0)
+            out = module(h)
+            if isinstance(module, nn.Conv2d):
+                cost[layer] += out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+            elif isinstance(module, nn.Linear):
+                cost[layer] += module.in_features * module.out_features
+            h = out
+    return sum(n * c for n, c in zip(sampler.per_mask, cost)) / sum(cost) if sum(cost) else 1.0
 
 
 def check_model(model: nn.Sequential, scheme: MCScheme) -> None:
@@ -145,6 +184,13 @@ class _Sampler:
 
     def __init__(self, rest: list[nn.Module], scheme: MCScheme, seed: int, max_elems: int):
         self.rest, self.scheme, self.seed, self.max_elems = rest, scheme, seed, max_elems
+        layers = sum(isinstance(m, nn.Dropout) for m in rest)
+        if len(scheme.fanout) > max(layers - 1, 0):
+            raise ValueError(f"fanout {list(scheme.fanout)} has {len(scheme.fanout)} entries but the model has "
+                             f"{max(layers - 1, 0)} dropout layers after the first")
+        # samples per first-layer mask at each dropout layer: 1, fanout[0], fanout[0] * fanout[1], ...
+        branches = [1, *scheme.fanout, *[1] * (layers - 1 - len(scheme.fanout))][:max(layers, 1)]
+        self.per_mask = [math.prod(branches[: i + 1]) for i in range(len(branches))]
         if scheme.control_variate:
             if not rest:
                 raise ValueError("the control variate needs a dropout layer; this model has none")
@@ -161,24 +207,27 @@ class _Sampler:
         self.widest = _widest(self.rest, h1)
 
     def __call__(self, h: torch.Tensor, ids: list[int], stream: int, round_: int, units: int):
-        k, unit = units * self.scheme.unit, self.scheme.unit
+        k, unit, leaves = units * self.scheme.unit, self.scheme.unit, self.scheme.leaves
         seed = row_rng_seed(self.seed, stream, round_)
-        chunk = max(1, self.max_elems // (k * self.widest))
+        chunk = max(1, self.max_elems // (k * leaves * self.widest))
         ys = []
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
-            masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed, self.scheme.antithetic)  # noqa: E731
+            masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
+                                                   self.scheme.antithetic)
             if not self.scheme.control_variate:
                 y = F.softmax(_run(self.rest, h[start : start + chunk], masks, k), 1)
             else:
                 pre = _run(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
+                if self.last_layer:  # the last layer's own branches of each sample above it
+                    pre = pre.repeat_interleave(self.per_mask[-1] // self.per_mask[-2], dim=0)
                 last = lambda layer, n, p: masks(self.last_layer, n, p).reshape(-1, 1, n)  # noqa: E731
                 z = _run([self.last, *self.tail], pre, last, 1)
                 zbar = self.tail(pre)  # E[z | the other masks]: the tail is affine
                 sbar, d = F.softmax(zbar, 1), z - zbar
                 g = sbar * (d - (sbar * d).sum(1, keepdim=True))  # J(zbar) (z - zbar), J = diag(s) - s s^T
                 y = F.softmax(z, 1) - g
-            ys.append(y.double().view(len(rows), units, unit, -1).mean(2))
+            ys.append(y.double().view(len(rows), units, unit * leaves, -1).mean(2))
         return torch.cat(ys)
 
 

@@ -120,8 +120,10 @@ def distill_stage(cfg: Config, parent: str | None = None) -> Path:
     return path
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """Every stage in one Ray session and one MLflow parent run; prints the comparison at the end."""
+def run_pipeline(cfg: Config, reuse: tuple[str, ...] = ()) -> dict:
+    """Every stage in one Ray session and one MLflow parent run; prints the comparison at the end.
+    Stages named in `reuse` are not run: their outputs are already in run_dir (a smaller student
+    distilled from the teacher and labels of another run, for instance)."""
     from dd_dist import tracking
     from dd_dist.cluster import check_shared_storage, ray_session
     from dd_dist.compare import compare
@@ -133,8 +135,8 @@ def run_pipeline(cfg: Config) -> dict:
         stages = [("teacher", teacher_stage), ("label", label_stage), ("distill", distill_stage),
                   ("evaluate", evaluate)]
         for name, stage in stages:
-            if name == "label" and cfg.distill.mode == "online":
-                continue  # Algorithm 2 needs no stored labels
+            if name in reuse or (name == "label" and cfg.distill.mode == "online"):
+                continue  # reused, or Algorithm 2 that needs no stored labels
             started = time.perf_counter()
             stage(cfg, parent)
             seconds[f"{name}_seconds"] = time.perf_counter() - started

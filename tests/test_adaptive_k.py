@@ -60,6 +60,9 @@ SCHEMES = {
     "adaptive": MCScheme(k=None, stderr_target=0.05, k_min=8, k_max=48),
     "adaptive + antithetic + control variate": MCScheme(k=None, stderr_target=0.02, k_min=8, k_max=48,
                                                         antithetic=True, control_variate=True),
+    "mask tree": MCScheme(k=4, fanout=(3,)),
+    "mask tree + antithetic + control variate": MCScheme(k=8, fanout=(2,), antithetic=True, control_variate=True),
+    "adaptive mask tree": MCScheme(k=None, stderr_target=0.05, k_min=8, k_max=48, fanout=(2,)),
 }
 
 
@@ -96,6 +99,14 @@ def test_antithetic_and_control_variate_cut_the_spread_at_the_same_k():
     assert spread(MCScheme(k=8, antithetic=True)) < 0.8 * plain
     assert spread(MCScheme(k=8, control_variate=True)) < 0.8 * plain
     assert spread(MCScheme(k=8, antithetic=True, control_variate=True)) < 0.5 * plain
+    # more masks where they are cheap: 4 masks of the 2nd dropout layer under each of the 8 of the 1st
+    assert spread(MCScheme(k=8, fanout=(4,))) < 0.8 * plain
+
+
+def test_a_mask_tree_needs_a_dropout_layer_for_each_fanout():
+    check_model(build_model("lenet_all", (1, 28, 28), 10), MCScheme(k=4, fanout=(2, 4)))
+    with pytest.raises(ValueError, match=r"fanout \[2, 4\] has 2 entries but the model has 1 dropout layers after"):
+        check_model(build_model("mlp", (1, 8, 8), 4), MCScheme(k=4, fanout=(2, 4)))
 
 
 @pytest.mark.parametrize("p", [0.5, 0.3, 0.8])
@@ -134,7 +145,8 @@ def test_a_rows_label_ignores_batch_composition_order_and_chunking():
     torch.manual_seed(0)
     model = build_model("lenet_all", (1, 28, 28), 10)
     x, ids = torch.rand(5, 1, 28, 28), torch.arange(40, 45)
-    scheme = MCScheme(k=None, stderr_target=0.002, k_min=8, k_max=24, antithetic=True, control_variate=True)
+    scheme = MCScheme(k=None, stderr_target=0.002, k_min=8, k_max=24, antithetic=True, control_variate=True,
+                      fanout=(2, 2))
     whole, err, k = mc_label(model, x, ids, 3, scheme)
     assert k.min() < k.max() or k.max() == 24
     order = torch.tensor([3, 0, 4, 2, 1])
@@ -174,6 +186,7 @@ def test_scheme_round_trips_through_a_manifest_record():
     (["label.k=auto", "label.k_min=6", "label.antithetic=true"], "k_min 6 must be a multiple of 4 and at least 8"),
     (["label.k=auto", "label.k_min=8", "label.k_max=20"], "k_max 20 must be a multiple of k_min 8"),
     (["label.k=auto", "label.stderr_target=0"], "'label.stderr_target': Input should be greater than 0"),
+    (["label.fanout=[2,0]"], r"fanout \[2, 0\] must list whole numbers >= 1"),
 ])
 def test_config_errors_are_one_line(overrides, words):
     with pytest.raises(UserError, match=words) as error:
@@ -193,11 +206,11 @@ def test_defaults_keep_the_plain_k_mask_mean():
 
 BASE = ["data.name=synthetic", "model.arch=mlp", "teacher.epochs=2", "teacher.lr=0.05", "teacher.lr_steps=[1]",
         "label.k=auto", "label.stderr_target=0.003", "label.k_min=8", "label.k_max=64", "label.antithetic=true",
-        "label.control_variate=true", "label.rows_per_shard=256", "label.batch_size=64", "label.actors=1"]
+        "label.control_variate=true", "label.fanout=[2]", "label.rows_per_shard=256", "label.batch_size=64", "label.actors=1"]
 
 
 @pytest.mark.slow
-def test_label_and_verify_with_adaptive_k(tmp_path):
+def test_label_and_verify_with_adaptive_k_and_a_mask_tree(tmp_path):
     import ray
 
     cfg = load_config(None, [*BASE, f"run_dir={tmp_path}"])
@@ -210,7 +223,7 @@ def test_label_and_verify_with_adaptive_k(tmp_path):
     manifest = read_manifest(out)
     assert manifest["k"] == "auto" and manifest["scheme"] == {
         "k": "auto", "antithetic": True, "control_variate": True, "streams": 2, "stderr_target": 0.003,
-        "k_min": 8, "k_max": 64}
+        "k_min": 8, "k_max": 64, "fanout": [2]}
     k = np.concatenate([pq.read_table(out / s["file"]).column("k").to_numpy() for s in manifest["shards"]])
     assert len(k) == 512 and k.min() >= 8 and k.max() <= 64 and len(np.unique(k)) > 2 and k.mean() < 64
 
