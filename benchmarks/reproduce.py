@@ -69,8 +69,11 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
         for stage in ("teacher", "labels"):
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.copytree(source / stage, run_dir / stage)
+    kept = None if reused else kept_teacher_seconds(cfg)
     began = time.perf_counter()
-    seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ())
+    seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ("teacher",) if kept else ())
+    if kept:
+        seconds = {"teacher_seconds": kept, **seconds}
     results = json.loads(results_path(cfg).read_text())["methods"]
     k = max(int(m[2:]) for m in results if m.startswith("mc"))
     return {"row": row, "seed": seed, "errors": {"standard": results["standard"]["error"],
@@ -78,8 +81,26 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
                                                  "distilled": results["distilled"]["error"]},
             "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
-            "teacher_from": str(source.relative_to(REPO)) if reused else None,
+            "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def kept_teacher_seconds(cfg) -> float | None:
+    """A rerun after a crash in a later stage keeps the finished teacher of run_dir: its seconds (from its
+    history), when it is there and was trained on this config's architecture and schedule; else None."""
+    from dd_dist.models import read_checkpoint
+    from dd_dist.pipeline import teacher_path
+    from dd_dist.train import lr_at
+
+    model, history = teacher_path(cfg), teacher_path(cfg).with_name("history.json")
+    if not (model.is_file() and history.is_file()):
+        return None
+    epochs, spec = json.loads(history.read_text())["epochs"], read_checkpoint(model)["spec"]
+    if (spec["arch"], spec["width"], spec["p"]) != (cfg.model.arch, 1.0, cfg.model.p) or \
+            [e["lr"] for e in epochs] != [lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]:
+        return None
+    print(f"reproduce: keeping the finished teacher {model.relative_to(REPO)}", flush=True)
+    return sum(e["epoch_seconds"] for e in epochs) + epochs[0]["setup_seconds"]
 
 
 def summarise(units: list[dict]) -> list[dict]:
@@ -134,7 +155,8 @@ def markdown(report: dict) -> str:
     lines += ["", "Units (one pipeline run each):", "",
               "| row | seed | finished | total s | run_dir |", "|---|---:|---|---:|---|"]
     lines += [f"| {u['row']} | {u['seed']} | {u['finished']} | {u['total_seconds']:.0f} | `{u['run_dir']}`"
-              + (f" (teacher and labels of `{u['teacher_from']}`)" if u.get("teacher_from") else "") + " |"
+              + (f" (teacher and labels of `{u['teacher_from']}`)" if u.get("teacher_from") else "")
+              + (" (its teacher kept from a run that failed in a later stage)" if u.get("teacher_kept") else "") + " |"
               for u in report["units"]]
     return "\n".join(lines) + "\n"
 
