@@ -54,6 +54,8 @@ class DistillConfig(TrainConfig):
     mode: Literal["offline", "online"] = "offline"  # offline: stored MC labels; online: one mask per step
     init: Literal["teacher", "scratch"] = "teacher"  # Ω ← Θ* or a fresh student
     width: float = Field(1.0, gt=0, le=1)  # < 1: a smaller student
+    # false: the student learns as the deterministic net it is at test time (the paper's q); true: with dropout on
+    dropout: bool = False
 
 
 def scheme_problem(k: int | str, k_min: int, k_max: int, antithetic: bool, control_variate: bool,

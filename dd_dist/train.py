@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd_dist.config import TrainConfig
+from dd_dist.config import DistillConfig, TrainConfig
 from dd_dist.data import Split, augment
-from dd_dist.mc import online_targets, soft_target_kl
+from dd_dist.mc import dropout_layers, online_targets, soft_target_kl
 
 BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -22,6 +22,16 @@ BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """The paper's step schedule: lr times lr_gamma after each epoch listed in lr_steps."""
     return cfg.lr * cfg.lr_gamma ** sum(epoch >= s for s in cfg.lr_steps)
+
+
+def train_mode(model: torch.nn.Module, stage: str, cfg: TrainConfig) -> None:
+    """model.train(), except that a student's dropout stays off (unless distill.dropout): it learns as the
+    deterministic predictor q it is at test time, since J(q) compares q(x) itself, not a masked q, with
+    the MC mean of the teacher."""
+    model.train()
+    if stage == "student" and not (isinstance(cfg, DistillConfig) and cfg.dropout):
+        for module in dropout_layers(model):
+            module.eval()
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -77,7 +87,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, n_rows: int, batch_fn: BatchFn
     for epoch in range(cfg.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        model.train()
+        train_mode(model, stage, cfg)
         total, seen, start = 0.0, 0, time.perf_counter()
         for ids in epoch_batches(np.arange(n_rows), cfg.batch_size, seed, epoch):
             inputs, targets = batch_fn(ids, epoch, step)

@@ -29,7 +29,7 @@ def train_worker(config: dict) -> None:
 
     from dd_dist.data import row_rng_seed
     from dd_dist.models import save_model
-    from dd_dist.train import epoch_batches, loss_for, lr_at
+    from dd_dist.train import epoch_batches, loss_for, lr_at, train_mode
 
     began = time.perf_counter()
     cfg, stage = Config.model_validate(config["cfg"]), config["stage"]
@@ -62,7 +62,7 @@ def train_worker(config: dict) -> None:
                 group["lr"] = lr_at(opt, epoch)
         # Dropout masks from (seed, epoch, rank): a restarted group draws the ones the lost one drew.
         torch.manual_seed(row_rng_seed(cfg.seed, epoch, rank))
-        engine.train()
+        train_mode(engine, stage, opt)  # DeepSpeedEngine.train() and the student's dropout off
         total, epoch_began = torch.zeros(2, dtype=torch.float64), time.perf_counter()
         for batch in epoch_batches(ids, opt.batch_size, cfg.seed, epoch):
             if len(batch) < world:  # a last batch too small to give every rank a row
