@@ -82,12 +82,14 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
+            "student_dropout": cfg.distill.dropout,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def kept_teacher_seconds(cfg) -> float | None:
-    """A rerun after a crash in a later stage keeps the finished teacher of run_dir: its seconds (from its
-    history), when it is there and was trained on this config's architecture and schedule; else None."""
+    """A rerun (after a crash in a later stage, or for a new student) keeps the finished teacher of run_dir:
+    its seconds (from its history), when it is there and was trained on this config's architecture and
+    schedule; else None."""
     from dd_dist.models import read_checkpoint
     from dd_dist.pipeline import teacher_path
     from dd_dist.train import lr_at
@@ -121,6 +123,8 @@ def summarise(units: list[dict]) -> list[dict]:
                      "distilled_le_standard_every_seed": all(u["errors"]["distilled"] <= u["errors"]["standard"]
                                                              for u in mine),
                      "reference": ROWS[row][2][0], "reference_source": ROWS[row][2][1],
+                     # units from before distill.dropout existed trained their students with dropout on
+                     "student_dropout": any(u.get("student_dropout", True) for u in mine),
                      "stage_seconds_mean": {k: statistics.fmean(u["seconds"][k] for u in mine)
                                             for k in set.intersection(*(set(u["seconds"]) for u in mine))}})
     return rows
@@ -149,14 +153,17 @@ def markdown(report: dict) -> str:
         times = " / ".join(f"{t[f'{k}_seconds']:.0f}" if f"{k}_seconds" in t else "reused"
                            for k in ("teacher", "label", "distill", "evaluate"))
         lines.append(f"| {s['row']} | {','.join(map(str, s['seeds']))} | {cell(s, 'standard')} | "
-                     f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
+                     f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')}{' †' * s['student_dropout']} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
                      f"({s['reference_source']}) | {gap} | {'yes' if s['distilled_le_standard_every_seed'] else 'NO'} "
                      f"| {times} |")
+    if any(s["student_dropout"] for s in report["summary"]):
+        lines += ["", "† a student trained with its dropout on (distill.dropout=true, the behaviour before it became "
+                  "an option): not the paper's deterministic student."]
     lines += ["", "Units (one pipeline run each):", "",
               "| row | seed | finished | total s | run_dir |", "|---|---:|---|---:|---|"]
     lines += [f"| {u['row']} | {u['seed']} | {u['finished']} | {u['total_seconds']:.0f} | `{u['run_dir']}`"
               + (f" (teacher and labels of `{u['teacher_from']}`)" if u.get("teacher_from") else "")
-              + (" (its teacher kept from a run that failed in a later stage)" if u.get("teacher_kept") else "") + " |"
+              + (" (its teacher kept from an earlier run of the row)" if u.get("teacher_kept") else "") + " |"
               for u in report["units"]]
     return "\n".join(lines) + "\n"
 

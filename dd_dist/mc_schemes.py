@@ -24,7 +24,9 @@ A scheme (MCScheme) switches on, each on its own:
   streams), so the mean stays unbiased, and the K first-layer subtrees are independent units of the
   standard error. On lenet_all the conv layer after the first dropout costs ~8x the rest, while much
   of the spread comes from the later dropouts: cheap masks there buy most of the quality
-  (benchmarks/results/label_efficiency.md). With antithetic masks, siblings pair up where a fanout is even.
+  (benchmarks/results/label_efficiency.md). With antithetic masks, siblings pair up where a fanout is even;
+  at p = 0.5 a sibling pair under the last dropout then cancels the control variate exactly (z - zbar
+  is linear in that mask and the partner is its complement), so the two are not worth combining.
 - adaptive K (k = None): masks are drawn in rounds and a row gets as many rounds as its own spread
   needs for the MC standard error (largest class) to reach stderr_target, between k_min and k_max
   masks; the K used is returned per row.
