@@ -174,7 +174,7 @@ def students(cfg, teacher, pick: dict, seeds: int, epochs: int) -> dict:
     split = train_split(cfg)
     ids, inputs = label_view(cfg, range(len(split)))
     distill = cfg.distill.model_copy(update={"epochs": epochs, "lr_steps": [max(1, 2 * epochs // 3)] if epochs > 1 else []})
-    out = {"epochs": epochs, "lr": distill.lr, "lr_steps": distill.lr_steps, "sets": {}}
+    out = {"epochs": epochs, "lr": distill.lr, "lr_steps": distill.lr_steps, "dropout": distill.dropout, "sets": {}}
     for name, scheme in (("K=100", MCScheme(k=100)), (pick["scheme"], scheme_of(pick))):
         probs, ks, seconds = labels(teacher, ids, inputs, 0, scheme)
         soft = torch.from_numpy(probs.astype(np.float32))
@@ -261,7 +261,9 @@ def markdown(report: dict) -> str:
             s = r["students"]
             lines += [f"Students distilled from the teacher on the whole training set ({s['epochs']} epochs, lr "
                       f"{s['lr']:g} then a tenth after epoch {s['lr_steps']}, plain loop; labels with seed 0, the "
-                      "student's seed orders the batches and draws its dropout):", "",
+                      # reports from before distill.dropout existed trained their students with dropout on
+                      + ("student's seed orders the batches and draws its dropout" if s.get("dropout", True) else
+                         "student's seed orders the batches; the student is deterministic, dropout off") + "):", "",
                       "| labels | passes / image | label s | test error % per seed | mean | spread (max - min) |",
                       "|---|---:|---:|---|---:|---:|"]
             for name, v in s["sets"].items():
