@@ -73,7 +73,10 @@ class MCScheme:
     fanout: tuple[int, ...] = ()  # mask tree: branches per sample at the 2nd, 3rd, ... dropout layer
 
     def __post_init__(self):
-        object.__setattr__(self, "fanout", tuple(self.fanout))  # a manifest or YAML gives a list
+        fanout = tuple(self.fanout)  # a manifest or YAML gives a list; trailing 1s change nothing
+        while fanout and fanout[-1] == 1:
+            fanout = fanout[:-1]
+        object.__setattr__(self, "fanout", fanout)
         problem = scheme_problem("auto" if self.k is None else self.k, self.k_min, self.k_max, self.antithetic,
                                  self.control_variate, self.fanout)
         if problem:
@@ -86,7 +89,7 @@ class MCScheme:
     @property
     def plain(self) -> bool:
         """The plain K-mask mean of mc_probs: one stream, no variance reduction."""
-        return not (self.adaptive or self.antithetic or self.control_variate or self.leaves > 1)
+        return not (self.adaptive or self.antithetic or self.control_variate or self.fanout)
 
     @property
     def leaves(self) -> int:
@@ -101,14 +104,14 @@ class MCScheme:
     def describe(self) -> str:
         what = [f"K=auto (MC stderr {self.stderr_target:g}, {self.k_min}..{self.k_max} masks)" if self.adaptive
                 else f"K={self.k}"]
-        tree = [f"fanout {'x'.join(map(str, self.fanout))}"] if self.leaves > 1 else []
+        tree = [f"fanout {'x'.join(map(str, self.fanout))}"] if self.fanout else []
         return ", ".join(what + tree + ["antithetic masks"] * self.antithetic + ["control variate"] * self.control_variate)
 
     def record(self) -> dict:
         """What a label manifest stores (the "scheme" entry): enough to rebuild the scheme."""
         out = {"k": "auto" if self.adaptive else self.k, "antithetic": self.antithetic,
                "control_variate": self.control_variate, "streams": 2}
-        if self.leaves > 1:
+        if self.fanout:
             out["fanout"] = list(self.fanout)
         if self.adaptive:
             out |= {"stderr_target": self.stderr_target, "k_min": self.k_min, "k_max": self.k_max}
@@ -131,11 +134,12 @@ def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
     two dropouts counts as often as it runs."""
     prefix, rest = _split_at_first_dropout(model)
     sampler = _Sampler(rest, scheme, 0, 1)
-    layer, cost, h = -1, [], nn.Sequential(*prefix).eval()(torch.zeros(1, *in_shape))
+    cost, h = [], nn.Sequential(*prefix).eval()(torch.zeros(1, *in_shape))  # cost[l]: after the l-th dropout
     with torch.inference_mode():
         for module in rest:
             if isinstance(module, nn.Dropout):
-                layer, _ = layer + 1, cost.append(0.0)
+                cost.append(0.0)
+            layer = len(cost) - 1
             out = module(h)
             if isinstance(module, nn.Conv2d):
                 cost[layer] += out.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)

@@ -176,6 +176,7 @@ def test_scheme_round_trips_through_a_manifest_record():
     for scheme in [*SCHEMES.values(), MCScheme(k=7)]:
         assert MCScheme.from_record(json.loads(json.dumps(scheme.record())), 0) == scheme
     assert MCScheme.from_record(None, 12) == MCScheme(k=12)
+    assert MCScheme(k=5, fanout=[1, 1]) == MCScheme(k=5) and MCScheme(k=5, fanout=[3, 1]).fanout == (3,)
 
 
 @pytest.mark.parametrize("overrides, words", [
