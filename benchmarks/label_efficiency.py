@@ -21,6 +21,7 @@ rewrites it with those timings: for when the first run shared the machine with o
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -277,8 +278,6 @@ def markdown(report: dict) -> str:
 
 def retime(path: Path) -> dict:
     """The report at `path` with every scheme's ms / image measured again, side by side, on its images."""
-    import json
-
     report = json.loads(path.read_text())
     for data, r in report["data"].items():
         cfg, teacher, _ = teacher_for(data, 1, report["quick"], str(REPO / r["teacher"]["checkpoint"]))
@@ -292,6 +291,13 @@ def retime(path: Path) -> dict:
                     r["quality"][same]["ms_per_image"] = row["ms_per_image"]
     report["timed"] = {**machine(), "threads": torch.get_num_threads()}
     return report
+
+
+def write(name: str, report: dict) -> str:
+    """The JSON and Markdown reports (the Markdown names its own plot); returns the Markdown."""
+    text = markdown(report).replace("label_efficiency.png", f"{name}.png")
+    print(f"report: {write_report(name, report, text).relative_to(REPO)}")
+    return text
 
 
 def main() -> None:
@@ -310,9 +316,7 @@ def main() -> None:
     args = parser.parse_args()
     name = "label_efficiency_quick" if args.quick else "label_efficiency"
     if args.retime:
-        report = retime(RESULTS / f"{name}.json")
-        text = markdown(report).replace("label_efficiency.png", f"{name}.png")
-        print(f"report: {write_report(name, report, text).relative_to(REPO)}")
+        write(name, retime(RESULTS / f"{name}.json"))
         return
     if args.quick:
         args.images, args.reference_k, args.teacher_epochs, args.students, args.student_epochs = 100, 300, 1, 1, 1
@@ -330,9 +334,7 @@ def main() -> None:
             result["students"] = students(cfg, teacher, result["quality"]["pick"], args.students, args.student_epochs)
         report["data"][data] = result
     plot(report, RESULTS / f"{name}.png")
-    text = markdown(report).replace("label_efficiency.png", f"{name}.png")
-    print(text)
-    print(f"report: {write_report(name, report, text).relative_to(REPO)}")
+    print(write(name, report))
 
 
 if __name__ == "__main__":
