@@ -70,6 +70,8 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.copytree(source / stage, run_dir / stage)
     kept = None if reused else kept_teacher_seconds(cfg)
+    # finished label shards of an earlier run are verified, not recomputed: that stage's time is not a labelling time
+    labels_resumed = bool(kept) and (run_dir / "labels" / "manifest.json").is_file()
     began = time.perf_counter()
     seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ("teacher",) if kept else ())
     if kept:
@@ -82,6 +84,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
+            "labels_resumed": labels_resumed,
             "student_dropout": cfg.distill.dropout,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -125,9 +128,17 @@ def summarise(units: list[dict]) -> list[dict]:
                      "reference": ROWS[row][2][0], "reference_source": ROWS[row][2][1],
                      # units from before distill.dropout existed trained their students with dropout on
                      "student_dropout": any(u.get("student_dropout", True) for u in mine),
-                     "stage_seconds_mean": {k: statistics.fmean(u["seconds"][k] for u in mine)
-                                            for k in set.intersection(*(set(u["seconds"]) for u in mine))}})
+                     "stage_seconds_mean": stage_seconds_mean(mine)})
     return rows
+
+
+def stage_seconds_mean(units: list[dict]) -> dict:
+    """Mean seconds of each stage over the units that ran it: a stage reused from another run, or label
+    shards of an earlier run that were only verified (units from before labels_resumed was recorded: those
+    that kept their teacher), are not a time of that stage."""
+    measured = [{k: v for k, v in u["seconds"].items()
+                 if not (k == "label_seconds" and u.get("labels_resumed", u.get("teacher_kept")))} for u in units]
+    return {k: statistics.fmean(m[k] for m in measured if k in m) for k in set().union(*measured)}
 
 
 def markdown(report: dict) -> str:
@@ -150,7 +161,7 @@ def markdown(report: dict) -> str:
         mc = s["methods"][1]
         gap = "n/a" if s["gap_recovered"] is None else f"{100 * s['gap_recovered']:.0f} %"
         t = s["stage_seconds_mean"]
-        times = " / ".join(f"{t[f'{k}_seconds']:.0f}" if f"{k}_seconds" in t else "reused"
+        times = " / ".join(f"{t[f'{k}_seconds']:.0f}" if f"{k}_seconds" in t else "–"
                            for k in ("teacher", "label", "distill", "evaluate"))
         lines.append(f"| {s['row']} | {','.join(map(str, s['seeds']))} | {cell(s, 'standard')} | "
                      f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')}{' †' * s['student_dropout']} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
@@ -159,11 +170,15 @@ def markdown(report: dict) -> str:
     if any(s["student_dropout"] for s in report["summary"]):
         lines += ["", "† a student trained with its dropout on (distill.dropout=true, the behaviour before it became "
                   "an option): not the paper's deterministic student."]
-    lines += ["", "Units (one pipeline run each):", "",
+    lines += ["", "Stage times are means over the units that ran the stage; – where none did (the stage's output "
+              "was reused from another run, or finished label shards of an earlier run were only verified).",
+              "", "Units (one pipeline run each):", "",
               "| row | seed | finished | total s | run_dir |", "|---|---:|---|---:|---|"]
     lines += [f"| {u['row']} | {u['seed']} | {u['finished']} | {u['total_seconds']:.0f} | `{u['run_dir']}`"
               + (f" (teacher and labels of `{u['teacher_from']}`)" if u.get("teacher_from") else "")
-              + (" (its teacher kept from an earlier run of the row)" if u.get("teacher_kept") else "") + " |"
+              + (" (its teacher kept from an earlier run of the row" +
+                 (", and its labels" if u.get("labels_resumed", True) else "") + ")" if u.get("teacher_kept") else "")
+              + " |"
               for u in report["units"]]
     return "\n".join(lines) + "\n"
 
