@@ -71,7 +71,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             shutil.copytree(source / stage, run_dir / stage)
     kept = None if reused else kept_teacher_seconds(cfg)
     # finished label shards of an earlier run are verified, not recomputed: that stage's time is not a labelling time
-    labels_resumed = bool(kept) and (run_dir / "labels" / "manifest.json").is_file()
+    resumed = bool(kept) and (run_dir / "labels" / "manifest.json").is_file()
     began = time.perf_counter()
     seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ("teacher",) if kept else ())
     if kept:
@@ -84,7 +84,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
-            "labels_resumed": labels_resumed,
+            "labels_resumed": resumed,
             "student_dropout": cfg.distill.dropout,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
@@ -132,12 +132,17 @@ def summarise(units: list[dict]) -> list[dict]:
     return rows
 
 
+def labels_resumed(unit: dict) -> bool:
+    """Were the unit's label shards an earlier run's, only verified? Units from before this was recorded
+    resumed their labels whenever they kept their teacher (only the student had changed)."""
+    return unit.get("labels_resumed", unit.get("teacher_kept", False))
+
+
 def stage_seconds_mean(units: list[dict]) -> dict:
     """Mean seconds of each stage over the units that ran it: a stage reused from another run, or label
-    shards of an earlier run that were only verified (units from before labels_resumed was recorded: those
-    that kept their teacher), are not a time of that stage."""
-    measured = [{k: v for k, v in u["seconds"].items()
-                 if not (k == "label_seconds" and u.get("labels_resumed", u.get("teacher_kept")))} for u in units]
+    shards of an earlier run that were only verified, are not a time of that stage."""
+    measured = [{k: v for k, v in u["seconds"].items() if not (k == "label_seconds" and labels_resumed(u))}
+                for u in units]
     return {k: statistics.fmean(m[k] for m in measured if k in m) for k in set().union(*measured)}
 
 
@@ -177,7 +182,7 @@ def markdown(report: dict) -> str:
     lines += [f"| {u['row']} | {u['seed']} | {u['finished']} | {u['total_seconds']:.0f} | `{u['run_dir']}`"
               + (f" (teacher and labels of `{u['teacher_from']}`)" if u.get("teacher_from") else "")
               + (" (its teacher kept from an earlier run of the row" +
-                 (", and its labels" if u.get("labels_resumed", True) else "") + ")" if u.get("teacher_kept") else "")
+                 (", and its labels" if labels_resumed(u) else "") + ")" if u.get("teacher_kept") else "")
               + " |"
               for u in report["units"]]
     return "\n".join(lines) + "\n"
