@@ -27,11 +27,11 @@ import torch
 from benchmarks import label_throughput, train_throughput
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
-from dd_dist.data import load_split
-from dd_dist.labels import label_rows
-from dd_dist.mc import naive_mc_loop
-from dd_dist.models import load_model
-from dd_dist.pipeline import student_path, teacher_path, test_split
+from dd_dist.core.data import load_split, run_split
+from dd_dist.core.mc import naive_mc_loop
+from dd_dist.core.models import load_model
+from dd_dist.labels.actors import label_rows
+from dd_dist.layout import RunDir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,17 +63,17 @@ def label_time_vs_k(rows: dict) -> dict:
 
 def inference(config: Path, repeats: int) -> dict:
     """MC-100 and the distilled student of config's run, scored by `dd-dist evaluate` on a copy of its models."""
-    from dd_dist.evaluate import evaluate
+    from dd_dist.stages.evaluate import evaluate
 
     source = load_config(config).resolved()
-    if not student_path(source).is_file():
-        raise SystemExit(f"bench: no distilled student at {student_path(source)}: run `make demo` first")
+    if not RunDir(source).student.is_file():
+        raise SystemExit(f"bench: no distilled student at {RunDir(source).student}: run `make demo` first")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"run_dir={tmp}/run", f"eval.ks=[{MC_K}]", f"eval.repeats={repeats}",
                                    "eval.threads=1", f"tracking.uri=sqlite:///{tmp}/mlruns.db"])
-        for path in (teacher_path, student_path):
-            path(cfg).parent.mkdir(parents=True)
-            shutil.copyfile(path(source), path(cfg))
+        for role in ("teacher", "student"):
+            RunDir(cfg).model(role).parent.mkdir(parents=True)
+            shutil.copyfile(RunDir(source).model(role), RunDir(cfg).model(role))
         methods = evaluate(cfg)["methods"]
         naive_ms = naive_latency_ms(cfg)
     mc, student = methods[f"mc{MC_K}"], methods["distilled"]
@@ -89,8 +89,8 @@ def inference(config: Path, repeats: int) -> dict:
 def naive_latency_ms(cfg) -> float:
     """ms per image of the textbook MC loop (K full passes, dropout in train mode) on the first test images."""
     torch.set_num_threads(1)
-    teacher = load_model(teacher_path(cfg))[0]
-    x = torch.from_numpy(test_split(cfg).x[:NAIVE_IMAGES])
+    teacher = load_model(RunDir(cfg).teacher)[0]
+    x = torch.from_numpy(run_split(cfg, "test").x[:NAIVE_IMAGES])
     naive_mc_loop(teacher, x[:64], MC_K)  # warm-up
     began = time.perf_counter()
     for i in range(0, len(x), 256):

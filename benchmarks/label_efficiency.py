@@ -32,12 +32,14 @@ import torch
 
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
-from dd_dist.data import FASHION_MNIST_DIR, augment
-from dd_dist.mc import standard_probs
-from dd_dist.mc_schemes import MCScheme, mc_label, passes_per_mask
-from dd_dist.models import init_student_from_teacher, load_model
-from dd_dist.pipeline import build_for, teacher_path, test_split, train_split, train_teacher
-from dd_dist.train import fit, offline_batches
+from dd_dist.core.data import FASHION_MNIST_DIR, augment, run_split
+from dd_dist.core.loop import fit, train_teacher
+from dd_dist.core.mc import standard_probs
+from dd_dist.core.mc_schemes import mc_label, passes_per_mask
+from dd_dist.core.models import init_student_from_teacher, load_model
+from dd_dist.core.tasks import StudentTask, build_for, offline_batches
+from dd_dist.layout import RunDir
+from dd_dist.schemes import MCScheme
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -70,7 +72,7 @@ def schemes() -> list[tuple[str, MCScheme]]:
 
 def label_view(cfg, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
     """(row ids, inputs): training rows as the label stage sees them (augmentation epoch 0, seed 0)."""
-    split = train_split(cfg)
+    split = run_split(cfg, "train")
     ids = torch.arange(rows.start, rows.stop)
     return ids, augment(torch.from_numpy(split.x)[ids], ids, 0, 0, cfg.data.zero_p, cfg.data.flip_p)
 
@@ -124,7 +126,7 @@ def teacher_for(data: str, epochs: int, quick: bool, given: str | None) -> tuple
     cfg = load_config(CONFIG, [*DATA[data], f"run_dir={run_dir}", f"teacher.epochs={epochs}",
                                f"teacher.lr_steps=[{max(1, 2 * epochs // 3)}]" if epochs > 1 else "teacher.lr_steps=[]",
                                *(["data.train_rows=5000", "data.test_rows=2000"] if quick else [])])
-    path = Path(given).resolve() if given else teacher_path(cfg)
+    path = Path(given).resolve() if given else RunDir(cfg).teacher
     began, cached = time.perf_counter(), path.is_file()
     if not cached:
         print(f"{data}: training the lenet_all teacher ({epochs} epochs, plain loop) into {run_dir}", flush=True)
@@ -137,7 +139,7 @@ def teacher_for(data: str, epochs: int, quick: bool, given: str | None) -> tuple
 
 
 def test_error(model, cfg) -> float:
-    split = test_split(cfg)
+    split = run_split(cfg, "test")
     x = torch.from_numpy(split.x)
     predicted = torch.cat([standard_probs(model, x[i : i + BATCH]).argmax(1) for i in range(0, len(x), BATCH)])
     return (predicted.numpy() != split.y).mean().item()
@@ -172,7 +174,7 @@ def scheme_of(row: dict) -> MCScheme:
 def students(cfg, teacher, pick: dict, seeds: int, epochs: int) -> dict:
     """Students distilled (plain loop, paper's schedule scaled to `epochs`) on K=100 labels and on the pick's,
     one per seed (the seed orders the batches and draws the student's dropout; the labels use seed 0)."""
-    split = train_split(cfg)
+    split = run_split(cfg, "train")
     ids, inputs = label_view(cfg, range(len(split)))
     distill = cfg.distill.model_copy(update={"epochs": epochs, "lr_steps": [max(1, 2 * epochs // 3)] if epochs > 1 else []})
     out = {"epochs": epochs, "lr": distill.lr, "lr_steps": distill.lr_steps, "dropout": distill.dropout, "sets": {}}
@@ -185,7 +187,7 @@ def students(cfg, teacher, pick: dict, seeds: int, epochs: int) -> dict:
             student, _ = build_for(cfg, split)
             init_student_from_teacher(student, teacher)
             fit(student, distill, len(split), offline_batches(split, soft, 0, cfg.data.zero_p, cfg.data.flip_p),
-                "student", seed, log=lambda row: None)
+                StudentTask, seed, log=lambda row: None)
             errors.append(test_error(student, cfg))
             print(f"  student on {name} labels, seed {seed}: test error {100 * errors[-1]:.2f} %", flush=True)
         out["sets"][name] = {"passes": float(ks.mean()) * passes_per_mask(teacher, scheme, inputs.shape[1:]),

@@ -21,11 +21,11 @@ import torch
 
 from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
-from dd_dist.data import augment, load_split
-from dd_dist.labels import label_rows, label_shards
-from dd_dist.mc import naive_mc_loop
-from dd_dist.models import build_model, model_spec, save_model
-from dd_dist.shards import label_table, write_shard
+from dd_dist.core.data import augment, load_split
+from dd_dist.core.mc import naive_mc_loop
+from dd_dist.core.models import build_model, model_spec, save_model
+from dd_dist.labels.actors import label_rows, label_shards
+from dd_dist.labels.format import label_table, write_shard
 
 K, BATCH, SEED, ZERO_P = 100, 256, 0, 0.2
 # rows per measurement: naive loop, in-process MC, Ray (and the rows of one shard)

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from dd_dist.config import load_config
-from dd_dist.data import FASHION_MNIST_DIR
-from dd_dist.evaluate import results_path
+from dd_dist.core.data import FASHION_MNIST_DIR
 from dd_dist.files import atomic_write, write_json
+from dd_dist.layout import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -76,7 +76,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
     seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ("teacher",) if kept else ())
     if kept:
         seconds = {"teacher_seconds": kept, **seconds}
-    results = json.loads(results_path(cfg).read_text())["methods"]
+    results = json.loads(RunDir(cfg).results.read_text())["methods"]
     k = max(int(m[2:]) for m in results if m.startswith("mc"))
     return {"row": row, "seed": seed, "errors": {"standard": results["standard"]["error"],
                                                  f"mc{k}": results[f"mc{k}"]["error_mean"],
@@ -93,11 +93,11 @@ def kept_teacher_seconds(cfg) -> float | None:
     """A rerun (after a crash in a later stage, or for a new student) keeps the finished teacher of run_dir:
     its seconds (from its history), when it is there and was trained on this config's architecture and
     schedule; else None."""
-    from dd_dist.models import read_checkpoint
-    from dd_dist.pipeline import teacher_path
-    from dd_dist.train import lr_at
+    from dd_dist.core.models import read_checkpoint
+    from dd_dist.layout import RunDir
+    from dd_dist.core.loop import lr_at
 
-    model, history = teacher_path(cfg), teacher_path(cfg).with_name("history.json")
+    model, history = RunDir(cfg).teacher, RunDir(cfg).teacher.with_name("history.json")
     if not (model.is_file() and history.is_file()):
         return None
     epochs, spec = json.loads(history.read_text())["epochs"], read_checkpoint(model)["spec"]

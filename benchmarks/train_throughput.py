@@ -22,10 +22,12 @@ import torch
 
 from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
-from dd_dist.models import init_student_from_teacher, load_model, save_model
-from dd_dist.pipeline import build_for, teacher_path, train_split
-from dd_dist.shards import load_soft_labels
-from dd_dist.train import fit, offline_batches
+from dd_dist.core.data import run_split
+from dd_dist.core.loop import fit
+from dd_dist.core.models import init_student_from_teacher, load_model, save_model
+from dd_dist.core.tasks import StudentTask, build_for, offline_batches
+from dd_dist.labels.format import load_soft_labels
+from dd_dist.layout import RunDir
 
 BATCH = 64
 RUNS = [("deepspeed_1_worker_zero0", 1, "zero0"), ("deepspeed_1_worker_zero2", 1, "zero2"),
@@ -46,23 +48,23 @@ def measured(run, cfg) -> dict:
 
 def plain_loop(cfg) -> dict:
     torch.set_num_threads(1)
-    split = train_split(cfg)
+    split = run_split(cfg, "train")
     student, _ = build_for(cfg, split)
-    init_student_from_teacher(student, load_model(teacher_path(cfg))[0])  # distill.init=teacher, as with DeepSpeed
+    init_student_from_teacher(student, load_model(RunDir(cfg).teacher)[0])  # distill.init=teacher, as with DeepSpeed
     ids, probs = load_soft_labels(Path(cfg.run_dir) / "labels")
     soft = torch.zeros(len(split), split.num_classes)
     soft[ids] = probs
     rows: list[dict] = []
     fit(student, cfg.distill, len(split), offline_batches(split, soft, cfg.seed, cfg.data.zero_p, cfg.data.flip_p),
-        "student", cfg.seed, log=rows.append)
+        StudentTask, cfg.seed, log=rows.append)
     return {"samples_per_s": steady(rows), "epochs": rows}
 
 
 def deepspeed_run(cfg) -> dict:
-    from dd_dist.trainer import train
+    from dd_dist.train.driver import train
 
     began = time.perf_counter()
-    _, rows = train(cfg, "student")
+    _, rows = train(cfg, StudentTask)
     wall = time.perf_counter() - began
     return {"samples_per_s": steady(rows), "setup_seconds": rows[0]["setup_seconds"],
             "threads": rows[0]["threads"], "wall_seconds": wall,
@@ -97,8 +99,8 @@ def measure(rows: int, epochs: int) -> dict:
     """Every figure of the report on `rows` MNIST rows, `epochs` per trainer; starts and stops its own local Ray."""
     import ray
 
-    from dd_dist.cluster import LOCAL_ENV
-    from dd_dist.labels import run_label
+    from dd_dist.infra.cluster import LOCAL_ENV
+    from dd_dist.stages.label import run_label
 
     report = {"rows": rows, "batch_size": BATCH, "epochs": epochs, "threads": 1, **machine()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,8 +110,8 @@ def measure(rows: int, epochs: int) -> dict:
                 f"cluster.storage_path={tmp}/ray_results"]
         cfg = load_config(None, base)
         torch.manual_seed(0)
-        teacher, spec = build_for(cfg, train_split(cfg))
-        save_model(teacher_path(cfg), teacher, spec)
+        teacher, spec = build_for(cfg, run_split(cfg, "train"))
+        save_model(RunDir(cfg).teacher, teacher, spec)
         ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {**LOCAL_ENV, "DS_ACCELERATOR": "cpu"}})
         try:

@@ -5,63 +5,45 @@ Mistakes a user can make print one line and exit 2; bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
-from dd_dist.cluster import default_auth
 from dd_dist.config import Config, load_config
-from dd_dist.errors import UserError
-
-# Neither Ray nor MLflow may phone home from this tool.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from dd_dist.errors import find_user_error
+from dd_dist.infra.cluster import default_auth
+from dd_dist.labels.verify import verify_labels
+from dd_dist.pipeline import run_pipeline
+from dd_dist.stages import compare, distill, evaluate, label, teacher
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def cmd_teacher(cfg: Config, args) -> None:
-    from dd_dist.pipeline import teacher_stage
-
-    print(f"teacher saved to {teacher_stage(cfg)}")
+    print(f"teacher saved to {teacher.run(cfg)}")
 
 
 def cmd_label(cfg: Config, args) -> None:
-    from dd_dist.pipeline import label_stage
-
-    print(f"labels written to {label_stage(cfg)}")
+    print(f"labels written to {label.run(cfg)}")
 
 
 def cmd_verify(cfg: Config, args) -> None:
-    from dd_dist.verify import verify_labels
-
     r = verify_labels(args.labels, args.teacher, args.rows, cfg)
     print(f"labels OK: {r['rows']} rows recomputed, mean KL {r['mean_kl']:.3g} <= tolerance {r['tolerance']:.3g}")
 
 
 def cmd_distill(cfg: Config, args) -> None:
-    from dd_dist.pipeline import distill_stage
-
-    print(f"student saved to {distill_stage(cfg)}")
+    print(f"student saved to {distill.run(cfg)}")
 
 
 def cmd_evaluate(cfg: Config, args) -> None:
-    from dd_dist.evaluate import evaluate
-
-    evaluate(cfg)
+    evaluate.run(cfg)
 
 
 def cmd_compare(cfg: Config, args) -> None:
-    from dd_dist.compare import compare
-
-    print(compare(cfg, args.experiment, args.out))
+    print(compare.compare(cfg, args.experiment, args.out))
 
 
 def cmd_pipeline(cfg: Config, args) -> None:
-    from dd_dist.pipeline import run_pipeline
-
     run_pipeline(cfg)
     if args.command == "demo":
         print("\nSee every run in the MLflow UI:  make mlflow-ui   (then open http://127.0.0.1:5000)")
@@ -84,18 +66,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# A UserError raised inside a Ray actor or training worker reaches the driver only as the text of
-# its traceback inside Ray's own exception: its message is the line naming it.
-_REMOTE_USER_ERROR = re.compile(r"^dd_dist\.errors\.UserError: (.+)$", re.MULTILINE)
-
-
-def remote_user_error(error: BaseException) -> str | None:
-    if not type(error).__module__.startswith("ray."):
-        return None
-    found = _REMOTE_USER_ERROR.search(str(error))
-    return found[1] if found else None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         default_auth(cfg.cluster)
         COMMANDS[args.command][1](cfg, args)
     except Exception as error:
-        # Ray's wrapper of a remote UserError may also be a UserError, but its text is a traceback.
-        message = remote_user_error(error) or (str(error) if isinstance(error, UserError) else None)
-        if message is None:
+        found = find_user_error(error)  # also one that a Ray actor or training worker raised
+        if found is None:
             raise
-        print(f"dd-dist {args.command}: error: {message}", file=sys.stderr)
+        # Its one line: Ray Data appends its retry advice to the message of an actor's exception.
+        print(f"dd-dist {args.command}: error: {str(found).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dd-dist {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dd_dist.errors import UserError
+from dd_dist.schemes import MCScheme
 
 
 class Section(BaseModel):
@@ -58,27 +59,6 @@ class DistillConfig(TrainConfig):
     dropout: bool = False
 
 
-def scheme_problem(k: int | str, k_min: int, k_max: int, antithetic: bool, control_variate: bool,
-                   fanout=()) -> str | None:
-    """Why an MC label scheme (see dd_dist.mc_schemes) cannot run, in one line; None when it can."""
-    unit = 2 if antithetic else 1
-    if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in fanout):
-        return f"fanout {list(fanout)} must list whole numbers >= 1 (samples per sample of the dropout layer above)"
-    if k == "auto":
-        if k_min % (2 * unit) or k_min < 4 * unit:
-            return (f"k_min {k_min} must be a multiple of {2 * unit} and at least {4 * unit} with k=auto"
-                    f"{' and antithetic' if antithetic else ''} (two streams of at least two "
-                    f"{'antithetic pairs' if antithetic else 'masks'} each in the pilot round)")
-        if k_max < k_min or k_max % k_min:
-            return f"k_max {k_max} must be a multiple of k_min {k_min} (K grows in steps of k_min)"
-    elif antithetic and k % 2:
-        return f"k {k} must be even with antithetic masks (they come in pairs)"
-    elif control_variate and k < 4 * unit:
-        return (f"k {k} must be at least {4 * unit} with the control variate (its coefficient is fitted on the "
-                f"other half of the {'pairs' if antithetic else 'masks'})")
-    return None
-
-
 class LabelConfig(Section):
     # MC masks per image, or "auto": per image as many as its spread needs (stderr_target, k_min, k_max)
     k: int | Literal["auto"] = 100
@@ -111,10 +91,14 @@ class LabelConfig(Section):
 
     @model_validator(mode="after")
     def _scheme_runs(self):
-        problem = scheme_problem(self.k, self.k_min, self.k_max, self.antithetic, self.control_variate, self.fanout)
-        if problem:
-            raise ValueError(problem)
+        self.scheme()  # its ValueError names what cannot run
         return self
+
+    def scheme(self) -> MCScheme:
+        """The MC scheme these settings ask for."""
+        return MCScheme(k=None if self.k == "auto" else self.k, stderr_target=self.stderr_target, k_min=self.k_min,
+                        k_max=self.k_max, antithetic=self.antithetic, control_variate=self.control_variate,
+                        fanout=tuple(self.fanout))
 
 
 class EvalConfig(Section):
@@ -142,10 +126,10 @@ class ClusterConfig(Section):
     use_gpu: bool = False
     deepspeed: str = "configs/deepspeed/zero2.json"
     max_failures: int = Field(2, ge=0)
-    # Where Ray Train keeps checkpoints: a local path, an NFS mount, s3:// or gs://; a run uses
-    # <storage_path>/<run_dir name>; unset: run_dir/ray_results. The teacher, label shards and models
-    # stay in run_dir: a multi-node cluster on which a node cannot see run_dir (or a local storage_path)
-    # is refused (cluster.check_shared_storage).
+    # Where Ray Train keeps checkpoints (layout.RunDir.checkpoints): a local path, an NFS mount, s3:// or
+    # gs://; unset: run_dir/ray_results. The teacher, label shards and models stay in run_dir: a multi-node
+    # cluster on which a node cannot see run_dir (or a local storage_path) is refused
+    # (infra.cluster.check_shared_storage).
     storage_path: str | None = None
 
 

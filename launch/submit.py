@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dd_dist.cluster import WORKER_ENV
 from dd_dist.config import TrackingConfig, load_config
 from dd_dist.errors import UserError
+from dd_dist.infra.cluster import WORKER_ENV
 
 # Never uploaded: environments, outputs and data (the cluster has its own venv and reads data itself).
 EXCLUDES = [".venv", "runs", "mlruns", "mlruns.db", "data", ".git", "**/__pycache__", ".pytest_cache"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dd_dist.cluster import LOCAL_ENV
+from dd_dist.infra.cluster import LOCAL_ENV
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

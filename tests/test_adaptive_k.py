@@ -11,15 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.config import load_config
+from dd_dist.core.data import run_split
+from dd_dist.core.loop import train_teacher
+from dd_dist.core.mc import keep_masks, mc_probs
+from dd_dist.core.mc_schemes import check_model, mc_label
+from dd_dist.core.models import build_model, load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
-from dd_dist.labels import label_rows, run_label
-from dd_dist.mc import keep_masks, mc_probs
-from dd_dist.mc_schemes import MCScheme, check_model, mc_label
-from dd_dist.models import build_model, load_model
-from dd_dist.pipeline import train_split, train_teacher
-from dd_dist.shards import load_soft_labels, read_manifest, stored_probs, write_manifest
-from dd_dist.verify import verify_labels
+from dd_dist.labels.actors import label_rows
+from dd_dist.labels.format import load_soft_labels, read_manifest, stored_probs, write_manifest
+from dd_dist.labels.verify import verify_labels
+from dd_dist.schemes import MCScheme
+from dd_dist.stages.label import run_label
 from test_mc import enumerate_masks, masked_logits  # the exact enumeration of tests/test_mc.py
 
 X = torch.tensor([[0.3, -1.2], [1.5, 0.7], [-0.4, 0.9]], dtype=torch.double)
@@ -230,7 +233,7 @@ def test_label_and_verify_with_adaptive_k_and_a_mask_tree(tmp_path):
 
     ids, probs = load_soft_labels(out)  # what the actors wrote is what this process computes
     teacher, _ = load_model(teacher_file)
-    x = torch.from_numpy(train_split(cfg).x)
+    x = torch.from_numpy(run_split(cfg, "train").x)
     expected, _, expected_k = label_rows(teacher, x, ids, MCScheme.from_record(manifest["scheme"], "auto"), cfg.seed,
                                          cfg.data.zero_p, cfg.data.flip_p, return_k=True)
     assert np.allclose(probs.numpy(), stored_probs(expected, "float16", 0), atol=1e-3) and np.array_equal(k, expected_k)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from dd_dist.config import load_config
-from dd_dist.models import build_model, model_spec, save_model
-from dd_dist.pipeline import train_teacher
+from dd_dist.core.loop import train_teacher
+from dd_dist.core.models import build_model, model_spec, save_model
 
 pytestmark = pytest.mark.slow  # about 50 processes
 REPO = Path(__file__).resolve().parent.parent
@@ -108,11 +108,7 @@ def run_cli_calls(calls: list[Call], root: Path, prepare, workers: int = 3) -> d
 def fork_calls(workers: int = 3) -> None:
     """Read jobs (JSON on stdin), the first a warm-up; run each other one as a forked child calling
     dd_dist.cli.main; print their exit codes."""
-    import dd_dist.cli  # noqa: F401  the stages' imports, paid once; no thread is running yet, so forking is safe
-    import dd_dist.evaluate  # noqa: F401
-    import dd_dist.labels  # noqa: F401
-    import dd_dist.trainer  # noqa: F401
-    import dd_dist.verify  # noqa: F401
+    import dd_dist.cli  # noqa: F401  every stage's imports, paid once; no thread is running yet, so forking is safe
     import ray.train.torch  # noqa: F401
 
     jobs, running, codes = json.load(sys.stdin), {}, {}

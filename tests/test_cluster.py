@@ -27,9 +27,9 @@ import pytest
 import torch
 import yaml
 
-from dd_dist.cluster import check_shared_storage, ray_session
 from dd_dist.config import load_config
 from dd_dist.errors import UserError
+from dd_dist.infra.cluster import check_shared_storage, ray_session
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -147,9 +147,11 @@ def test_label_actors_spread_over_both_nodes_and_match_the_single_process_labels
     import ray
     from ray.util.state import list_actors
 
-    from dd_dist.labels import run_label
-    from dd_dist.models import load_model
-    from dd_dist.pipeline import soft_labels_in_memory, teacher_path, train_split, train_teacher
+    from dd_dist.stages.label import run_label
+    from dd_dist.core.models import load_model
+    from dd_dist.core.loop import soft_labels_in_memory, train_teacher
+    from dd_dist.layout import RunDir
+    from dd_dist.core.data import run_split
 
     cfg = load_config(None, [*TINY, f"cluster.address={cluster.gcs}", f"run_dir={tmp_path}", "label.k=8",
                              "label.rows_per_shard=128", "label.dtype=float32"])
@@ -169,8 +171,8 @@ def test_label_actors_spread_over_both_nodes_and_match_the_single_process_labels
 
     table = pq.read_table(out / "train").sort_by("id")
     stored = np.stack(table["probs"].to_numpy(zero_copy_only=False))
-    teacher, _ = load_model(teacher_path(cfg))
-    expected = soft_labels_in_memory(cfg, teacher, train_split(cfg)).numpy()
+    teacher, _ = load_model(RunDir(cfg).teacher)
+    expected = soft_labels_in_memory(cfg, teacher, run_split(cfg, "train")).numpy()
     assert table["id"].to_pylist() == list(range(512))
     np.testing.assert_allclose(stored, expected, atol=1e-6)
     assert torch.allclose(torch.from_numpy(stored).sum(1), torch.ones(512), atol=1e-5)
@@ -180,16 +182,17 @@ def test_label_actors_spread_over_both_nodes_and_match_the_single_process_labels
 def test_training_workers_spread_over_both_nodes_and_match_the_single_process_loop(cluster, tmp_path):
     import ray
 
-    from dd_dist.models import load_model
-    from dd_dist.pipeline import train_teacher
-    from dd_dist.trainer import train
+    from dd_dist.core.models import load_model
+    from dd_dist.core.loop import train_teacher
+    from dd_dist.core.tasks import TeacherTask
+    from dd_dist.train.driver import train
 
     # No dropout (p=0): the masks, drawn per rank, are then the only thing a worker layout could change.
     overrides = [*TINY, "model.p=0", f"cluster.address={cluster.gcs}", "cluster.num_workers=2"]
     cfg = load_config(None, [*overrides, "cluster.placement=STRICT_SPREAD", f"run_dir={tmp_path}/spread"])
     with ray_session(cfg.cluster):
         wait_until_idle()
-        path, history = train(cfg, "teacher")
+        path, history = train(cfg, TeacherTask)
         alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(alive_nodes) == 2 and len(history[-1]["nodes"]) == 2 and set(history[-1]["nodes"]) == alive_nodes
 

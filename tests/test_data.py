@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dd_dist.data import DATASETS, augment, load_split, row_rng_seed
+from dd_dist.core.data import DATASETS, augment, load_split, row_rng_seed
 from dd_dist.errors import UserError
 
 REAL_FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"

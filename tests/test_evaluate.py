@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from dd_dist.cli import main
-from dd_dist.compare import compare
 from dd_dist.config import load_config
-from dd_dist.data import row_rng_seed
+from dd_dist.core.data import row_rng_seed, run_split
+from dd_dist.core.mc import mc_probs, standard_probs
+from dd_dist.core.metrics import classification_metrics
+from dd_dist.core.models import build_model, load_model, model_spec, save_model
 from dd_dist.errors import UserError
-from dd_dist.evaluate import EVAL_SEED_SALT, evaluate, results_path
-from dd_dist.mc import mc_probs, standard_probs
-from dd_dist.metrics import classification_metrics
-from dd_dist.models import build_model, load_model, model_spec, save_model
-from dd_dist import pipeline  # not `from ... import test_split`: pytest would collect it
-from dd_dist.pipeline import student_path, teacher_path, train_student, train_teacher
+from dd_dist.layout import RunDir
+from dd_dist.stages.compare import compare
+from dd_dist.stages.evaluate import EVAL_SEED_SALT, evaluate
+from dd_dist.core.loop import train_student, train_teacher
 
 KS = [1, 2, 50]
 REPEATS = 3
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 
 def test_results_hold_every_method_and_k(trained):
     cfg, results = trained
-    on_disk = json.loads(results_path(cfg).read_text())
+    on_disk = json.loads(RunDir(cfg).results.read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert list(results["methods"]) == ["standard", "mc1", "mc2", "mc50", "distilled"]
     assert on_disk["test_images"] == 256 and on_disk["notes"] == []
@@ -58,9 +58,9 @@ def test_results_hold_every_method_and_k(trained):
 
 def test_standard_and_distilled_are_the_weight_scaled_models(trained):
     cfg, results = trained
-    split = pipeline.test_split(cfg)
+    split = run_split(cfg, "test")
     x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
-    for method, path in (("standard", teacher_path(cfg)), ("distilled", student_path(cfg))):
+    for method, path in (("standard", RunDir(cfg).teacher), ("distilled", RunDir(cfg).student)):
         expected = classification_metrics(standard_probs(load_model(path)[0], x), y)
         assert {k: results["methods"][method][k] for k in expected} == pytest.approx(expected)
 
@@ -69,9 +69,9 @@ def test_mc_numbers_follow_the_method(trained):
     cfg, results = trained
     mc1, mc50 = results["methods"]["mc1"], results["methods"]["mc50"]
     # Each seed's number is that seed's MC prediction, reproducible from (seed, repeat).
-    split = pipeline.test_split(cfg)
+    split = run_split(cfg, "test")
     x, y, ids = torch.from_numpy(split.x), torch.from_numpy(split.y), torch.arange(len(split))
-    teacher = load_model(teacher_path(cfg))[0]
+    teacher = load_model(RunDir(cfg).teacher)[0]
     repeat = REPEATS - 1
     probs = mc_probs(teacher, x, ids, 50, row_rng_seed(cfg.seed, EVAL_SEED_SALT, repeat))
     assert mc50["nll_per_seed"][repeat] == pytest.approx(classification_metrics(probs, y)["nll"])
@@ -110,7 +110,7 @@ def test_metrics_and_artifact_in_the_mlflow_store(trained):
 def test_missing_student_is_skipped_with_a_note(trained, tmp_path):
     cfg, _ = trained
     cfg2 = tiny_config(tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db", "eval.ks=[3]", "eval.repeats=1")
-    shutil.copytree(teacher_path(cfg).parent, teacher_path(cfg2).parent)
+    shutil.copytree(RunDir(cfg).teacher.parent, RunDir(cfg2).teacher.parent)
     results = evaluate(cfg2)
     assert list(results["methods"]) == ["standard", "mc3"]
     assert results["methods"]["mc3"]["error_std"] == 0.0
@@ -166,7 +166,7 @@ def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys
     (0.0300, 0.02995, 0.0200, None),  # MC better by less than half a test image: no gap
 ])
 def test_gap_recovered_needs_mc_to_beat_standard(standard, mc, distilled, share):
-    from dd_dist.compare import Evaluation
+    from dd_dist.stages.compare import Evaluation
 
     methods = {"standard": {"error": standard}, "mc50": {"error_mean": mc}, "distilled": {"error": distilled}}
     recovered = Evaluation("run", "mnist", "lenet", 10000, methods).gap_recovered()

@@ -16,15 +16,16 @@ import pytest
 import torch
 
 from dd_dist.config import load_config
-from dd_dist.data import load_split
+from dd_dist.core.data import load_split
+from dd_dist.core.loop import train_teacher
+from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
-from dd_dist.labels import label_rows, run_label
-from dd_dist.models import load_model
-from dd_dist.pipeline import train_teacher
-from dd_dist.shards import (label_table, load_soft_labels, read_manifest, read_shard, rebuild_topk, stored_probs,
-                            write_manifest, write_shard)
-from dd_dist.verify import verify_labels
+from dd_dist.labels.actors import label_rows
+from dd_dist.labels.format import (label_table, load_soft_labels, read_manifest, read_shard, rebuild_topk,
+                                   stored_probs, write_manifest, write_shard)
+from dd_dist.labels.verify import verify_labels
+from dd_dist.stages.label import run_label
 
 pytestmark = pytest.mark.slow
 BASE = ["data.name=synthetic", "model.arch=mlp", "teacher.epochs=2", "teacher.lr=0.05", "teacher.lr_steps=[1]",

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dd_dist.metrics import classification_metrics, expected_calibration_error, reliability_bins
+from dd_dist.core.metrics import classification_metrics, expected_calibration_error, reliability_bins
 
 # Row: probabilities, label -> predicted class, confidence, probability of the true class.
 PROBS = torch.tensor([

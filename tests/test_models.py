@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from dd_dist.core.models import (ARCHS, build_model, file_sha256, init_student_from_teacher, load_model, model_spec,
+                                 save_model)
 from dd_dist.errors import UserError
-from dd_dist.models import (ARCHS, build_model, file_sha256, init_student_from_teacher, load_model, model_spec,
-                            save_model)
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 

@@ -30,15 +30,17 @@ import torch
 
 import mlflow_server as serving
 from dd_dist.cli import main as cli_main
-from dd_dist.cluster import ray_session
 from dd_dist.config import load_config
-from dd_dist.data import load_split
+from dd_dist.core.data import load_split
+from dd_dist.core.loop import train_teacher
+from dd_dist.core.models import load_model, save_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
-from dd_dist.labels import label_rows, run_label
-from dd_dist.models import load_model, save_model
-from dd_dist.pipeline import teacher_stage, train_teacher
-from dd_dist.shards import load_soft_labels, stored_probs
+from dd_dist.infra.cluster import ray_session
+from dd_dist.labels.actors import label_rows
+from dd_dist.labels.format import load_soft_labels, stored_probs
+from dd_dist.stages.label import run_label
+from dd_dist.stages import teacher as teacher_stage
 from test_bad_input import Call, Payload, assert_refused, run_cli_calls
 
 pytestmark = pytest.mark.slow
@@ -254,8 +256,8 @@ def test_verify_refuses_a_hand_edited_k(label_call_outcomes):
 
 
 def test_distill_refuses_a_hand_edited_k(killed_actor_run, tmp_path):
-    from dd_dist.pipeline import train_split
-    from dd_dist.trainer import _checked_labels
+    from dd_dist.core.data import run_split
+    from dd_dist.train.driver import checked_labels
 
     cfg = killed_actor_run[0]
     run = tmp_path / "run"
@@ -263,7 +265,7 @@ def test_distill_refuses_a_hand_edited_k(killed_actor_run, tmp_path):
     corrupt(run / "labels", "manifest-k-edited")
     edited = load_config(None, [*BASE, f"run_dir={run}"])
     with pytest.raises(UserError, match="manifest.json was edited after it was written"):
-        _checked_labels(edited, train_split(edited))
+        checked_labels(edited, run_split(edited, "train"))
 
 
 # --- the MLflow server stops answering during training ---------------------------------------
@@ -297,7 +299,7 @@ def teacher_through_a_frozen_server(ray_with_secrets, mlflow_server, tmp_path_fa
     watcher = threading.Thread(target=freeze_then_resume, daemon=True)
     watcher.start()
     try:
-        path = teacher_stage(cfg)
+        path = teacher_stage.run(cfg)
     finally:
         os.killpg(group, signal.SIGCONT)
     watcher.join(timeout=5)
@@ -439,7 +441,7 @@ def test_the_local_rays_open_ports_refuse_a_client_without_its_token(ray_with_se
     so the CLI starts its local Ray with token auth (cluster.default_auth): a stranger is refused."""
     import ray
 
-    from dd_dist.cluster import default_auth
+    from dd_dist.infra.cluster import default_auth
 
     exposed = [item for item in session_listeners() if item[0] not in ("127.0.0.1", "::1")]
     gcs = ray.get_runtime_context().gcs_address

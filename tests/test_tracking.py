@@ -10,11 +10,12 @@ import pytest
 
 import mlflow_server
 
-from dd_dist.compare import compare
 from dd_dist.config import load_config
-from dd_dist.evaluate import evaluate
-from dd_dist.pipeline import student_path, teacher_path, train_student, train_teacher
-from dd_dist.tracking import log_metrics, log_model_file, pipeline_run, stage_run, tracking_uri
+from dd_dist.core.loop import train_student, train_teacher
+from dd_dist.infra.tracking import Tracker, tracking_uri
+from dd_dist.layout import RunDir
+from dd_dist.stages.compare import compare
+from dd_dist.stages.evaluate import evaluate
 
 SECRET = "fake-secret-9f3c1d2e7b"  # set as AWS_SECRET_ACCESS_KEY: must never reach the store
 RAY_PASSWORD = "hunter2-pw"  # inside cluster.address: must be masked in params and config.yaml
@@ -51,19 +52,20 @@ def config(server, run_dir, experiment):
 def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     cfg = config(server, tmp_path / "run", "pipeline-test")
-    with pipeline_run(cfg) as parent_id:
-        with stage_run(cfg, "teacher"):
+    tracker = Tracker(cfg)
+    with tracker.pipeline_run() as parent_id:
+        with tracker.stage_run("teacher"):
             train_teacher(cfg)
-            log_model_file(teacher_path(cfg))
-        with stage_run(cfg, "label", parent_run_id=parent_id):
-            log_metrics({"rows": 512, "rows_per_s": 900.0})
+            tracker.log_model_file(RunDir(cfg).teacher)
+        with tracker.stage_run("label", parent_run_id=parent_id):
+            tracker.log_metrics({"rows": 512, "rows_per_s": 900.0})
 
         def distill_on_a_worker():  # a rank-0 worker has no active run: it links by id
-            with stage_run(cfg, "distill", parent_run_id=parent_id):
+            with tracker.stage_run("distill", parent_run_id=parent_id):
                 train_student(cfg)
                 for epoch, loss in enumerate([0.5, 0.3]):
-                    log_metrics({"loss": loss}, step=epoch)
-                log_model_file(student_path(cfg))
+                    tracker.log_metrics({"loss": loss}, step=epoch)
+                tracker.log_model_file(RunDir(cfg).student)
 
         worker = threading.Thread(target=distill_on_a_worker)
         worker.start()
@@ -124,15 +126,16 @@ def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
 @pytest.mark.timeout(180)
 def test_a_stage_outlives_its_server(server, tmp_path, capsys):
     cfg = config(server, tmp_path / "run", "dead-server-test")
+    tracker = Tracker(cfg)
     weights = tmp_path / "model.pt"
     weights.write_bytes(b"weights")
     finished = False
-    with stage_run(cfg, "distill") as run_id:
-        log_metrics({"loss": 1.0}, step=0)
+    with tracker.stage_run("distill") as run_id:
+        tracker.log_metrics({"loss": 1.0}, step=0)
         server["stop"]()
         for step in range(1, 4):
-            log_metrics({"loss": 1.0 / (step + 1)}, step=step)
-        log_model_file(weights)
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        tracker.log_model_file(weights)
         finished = True
     assert finished and run_id and mlflow.active_run() is None
     err = capsys.readouterr().err
@@ -156,10 +159,11 @@ def test_uri_precedence(monkeypatch, tmp_path):
 def test_failed_stage_is_marked_failed_and_nested(tmp_path):
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/m.db", "tracking.experiment=status-test",
                              "cluster.address=ray://bob:pw1234@head:10001"])
+    tracker = Tracker(cfg)
     with pytest.raises(ZeroDivisionError):
-        with pipeline_run(cfg) as parent_id:
-            with stage_run(cfg, "teacher", note="first try") as child_id:
-                log_metrics({"loss": 0.5}, step=3)
+        with tracker.pipeline_run() as parent_id:
+            with tracker.stage_run("teacher", note="first try") as child_id:
+                tracker.log_metrics({"loss": 0.5}, step=3)
                 1 / 0
     assert mlflow.active_run() is None
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from dd_dist.config import load_config
+from dd_dist.core.data import run_split
+from dd_dist.core.mc import soft_target_kl, standard_probs
+from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
-from dd_dist.mc import soft_target_kl, standard_probs
-from dd_dist.models import load_model
-from dd_dist.pipeline import train_split
-from dd_dist.shards import load_soft_labels
-from dd_dist.trainer import train
+from dd_dist.labels.format import load_soft_labels
+from dd_dist.core.tasks import StudentTask, TeacherTask
+from dd_dist.train.driver import train
 
 EPOCHS = 6
 
@@ -30,7 +31,7 @@ EPOCHS = 6
 def ray_local():
     import ray
 
-    from dd_dist.cluster import LOCAL_ENV
+    from dd_dist.infra.cluster import LOCAL_ENV
 
     # The controller polls workers for reports every 0.5 s in this suite (conftest); faster, so that the
     # kill below lands right after epoch 2's checkpoint is registered, well before the run ends.
@@ -97,13 +98,13 @@ def teacher_run(ray_local, run_dir):
     """The teacher, 2 workers with ZeRO-1; one worker is killed once epoch 2's checkpoint is registered."""
     cfg = config(run_dir, "cluster.deepspeed=configs/deepspeed/zero1.json")
     killed = kill_a_worker_once(run_dir / "ray_results", after_epoch=2)
-    path, history = train(cfg, "teacher")
+    path, history = train(cfg, TeacherTask)
     return cfg, path, history, killed
 
 
 @pytest.fixture(scope="module")
 def labels(teacher_run):
-    from dd_dist.labels import run_label
+    from dd_dist.stages.label import run_label
 
     cfg = teacher_run[0]
     return run_label(cfg)
@@ -118,16 +119,16 @@ def offline_runs(labels, run_dir):
     for workers in (2, 1):
         cfg = config(run_dir, "model.p=0", "distill.init=teacher", "cluster.deepspeed=configs/deepspeed/zero2.json",
                      f"cluster.num_workers={workers}")
-        path, history = train(cfg, "student")
+        path, history = train(cfg, StudentTask)
         runs[workers] = (load_model(path)[0], history)
     return runs
 
 
 def augmented_inputs_and_labels(cfg, labels_dir):
     """The augmented training view the labels were made on, and the stored MC labels (K=16)."""
-    from dd_dist.data import augment
+    from dd_dist.core.data import augment
 
-    split = train_split(cfg)
+    split = run_split(cfg, "train")
     ids, probs = load_soft_labels(labels_dir)
     return augment(torch.from_numpy(split.x)[ids], ids, cfg.seed, 0, cfg.data.zero_p, cfg.data.flip_p), probs
 
@@ -156,7 +157,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(teacher_run):
 def test_export_loads_weights_only_and_predicts_like_the_engine(teacher_run, run_dir):
     cfg, path, history, _ = teacher_run
     checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["data_fingerprint"] == train_split(cfg).fingerprint
+    assert checkpoint["data_fingerprint"] == run_split(cfg, "train").fingerprint
     assert checkpoint["final_loss"] == pytest.approx(history[-1]["loss"])
     exported, spec = load_model(path)
     # The engine's own weights, as DeepSpeed saved them in the final checkpoint.
@@ -164,7 +165,7 @@ def test_export_loads_weights_only_and_predicts_like_the_engine(teacher_run, run
     engine_state = torch.load(final / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     engine_model, _ = load_model(path)
     engine_model.load_state_dict(engine_state)
-    x = torch.from_numpy(train_split(cfg).x[:64])
+    x = torch.from_numpy(run_split(cfg, "train").x[:64])
     assert torch.equal(standard_probs(exported, x), standard_probs(engine_model, x))
     assert spec["arch"] == "mlp" and spec["p"] == 0.5
 
@@ -191,7 +192,7 @@ def test_offline_and_online_distillation_lower_the_kl_to_the_mc_teacher(teacher_
     monkeypatch.chdir(run_dir.parent)
     online_cfg = config(Path(run_dir.name), "distill.mode=online", "distill.init=teacher",
                         "cluster.deepspeed=configs/deepspeed/zero2.json")
-    path, history = train(online_cfg, "student")
+    path, history = train(online_cfg, StudentTask)
     online = kl_to(load_model(path)[0], inputs, mc)
     print(f"KL(MC teacher || student): teacher init {before:.4f}, offline {offline:.4f}, online {online:.4f}")
     assert offline < 0.8 * before
@@ -207,7 +208,7 @@ def test_mismatched_labels_are_refused_before_ray_train_starts(labels, run_dir, 
     storage = run_dir / "ray_results"
     runs_before = sorted(storage.iterdir())
     with pytest.raises(UserError, match=cause) as error:
-        train(config(run_dir, override), "student")
+        train(config(run_dir, override), StudentTask)
     assert "\n" not in str(error.value)
     assert sorted(storage.iterdir()) == runs_before  # no Ray Train run was started
 
@@ -217,7 +218,7 @@ def test_mismatched_labels_are_refused_before_ray_train_starts(labels, run_dir, 
 def test_bf16_teacher_on_one_gpu(ray_local, tmp_path):
     cfg = config(tmp_path, "cluster.use_gpu=true", "cluster.num_workers=1", "teacher.epochs=3", "teacher.lr_steps=[2]",
                  "cluster.deepspeed=configs/deepspeed/zero2_bf16_gpu.json")
-    path, history = train(cfg, "teacher")
+    path, history = train(cfg, TeacherTask)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     exported = torch.load(path, weights_only=True)["state_dict"]
     assert {t.dtype for t in exported.values()} == {torch.float32}  # bf16 weights exported as float32
@@ -231,7 +232,7 @@ def test_bf16_teacher_on_one_gpu(ray_local, tmp_path):
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, override, cause):
     with pytest.raises(UserError, match=cause) as error:
-        train(config(tmp_path, override), "teacher")
+        train(config(tmp_path, override), TeacherTask)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "ray_results").exists()
 
@@ -243,13 +244,14 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
 import numpy as np, torch, torch.distributed as dist
 import torch.nn.functional as F
 from dd_dist.config import load_config
-from dd_dist.pipeline import build_for, train_split
-from dd_dist.train import epoch_batches, make_optimizer, teacher_batches
-from dd_dist.trainer_worker import _engine
+from dd_dist.core.data import run_split
+from dd_dist.core.loop import epoch_batches, make_optimizer
+from dd_dist.core.tasks import build_for, teacher_batches
+from dd_dist.train.worker import _engine
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 cfg = load_config(None, ["data.name=synthetic", "model.arch=mlp", "teacher.lr=0.05", "teacher.batch_size=16"])
-split = train_split(cfg)
+split = run_split(cfg, "train")
 torch.manual_seed(0)
 plain, _ = build_for(cfg, split)
 engine, _ = _engine(copy.deepcopy(plain), cfg.teacher, json.load(open(sys.argv[2])), 1)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from dd_dist.config import DistillConfig, TrainConfig
-from dd_dist.data import load_split
-from dd_dist.mc import mc_probs, soft_target_kl
-from dd_dist.models import build_model, init_student_from_teacher
-from dd_dist.train import fit, offline_batches, online_batches, teacher_batches
+from dd_dist.core.data import load_split
+from dd_dist.core.loop import fit
+from dd_dist.core.mc import mc_probs, soft_target_kl
+from dd_dist.core.models import build_model, init_student_from_teacher
+from dd_dist.core.tasks import StudentTask, TeacherTask, offline_batches, online_batches, teacher_batches
 
 
 def kl_to_mc_teacher(teacher, model, x, ids):
@@ -23,7 +24,7 @@ def toy():
     torch.manual_seed(0)
     teacher = build_model("mlp", split.in_shape, split.num_classes, p=0.5, width=0.1)
     cfg = TrainConfig(epochs=8, lr=0.05, lr_steps=[6], batch_size=32)
-    losses = fit(teacher, cfg, len(split), teacher_batches(split), "teacher", seed=0, log=lambda m: None)
+    losses = fit(teacher, cfg, len(split), teacher_batches(split), TeacherTask, seed=0, log=lambda m: None)
     return split, teacher, losses
 
 
@@ -43,7 +44,7 @@ def test_distilled_student_is_closer_to_the_mc_teacher_than_weight_scaling(toy, 
     else:
         batches = online_batches(split, teacher, 0, 0.0, 0.0)
     cfg = TrainConfig(epochs=6, lr=0.05, lr_steps=[4], batch_size=32, weight_decay=0)
-    losses = fit(student, cfg, len(split), batches, "student", seed=0, log=lambda m: None)
+    losses = fit(student, cfg, len(split), batches, StudentTask, seed=0, log=lambda m: None)
     assert losses[-1] < losses[0]
     assert kl_to_mc_teacher(teacher, student, x, ids) < kl_to_mc_teacher(teacher, teacher, x, ids)
 
@@ -59,7 +60,7 @@ def test_the_student_learns_as_the_deterministic_net_it_is_at_test_time(toy):
         student = build_model("mlp", split.in_shape, split.num_classes, p=0.5, width=0.1)
         init_student_from_teacher(student, teacher)
         cfg = DistillConfig(epochs=6, lr=0.05, lr_steps=[4], batch_size=32, weight_decay=0, dropout=dropout)
-        fit(student, cfg, len(split), offline_batches(split, labels, 0, 0.0, 0.0), "student", seed=0,
+        fit(student, cfg, len(split), offline_batches(split, labels, 0, 0.0, 0.0), StudentTask, seed=0,
             log=lambda m: None)
         return kl_to_mc_teacher(teacher, student, x, ids)
 

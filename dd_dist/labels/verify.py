@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dd_dist.config import Config
-from dd_dist.data import load_split
+from dd_dist.core.data import load_split, run_split
+from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
-from dd_dist.labels import label_rows
-from dd_dist.mc_schemes import MCScheme
-from dd_dist.models import load_model
-from dd_dist.shards import check_labels_match, check_shards, read_manifest, read_shard, stored_probs
+from dd_dist.labels.actors import label_rows
+from dd_dist.labels.format import check_labels_match, check_shards, read_manifest, read_shard, stored_probs
+from dd_dist.schemes import MCScheme
 
 KL_TOLERANCE = 1e-5
 
@@ -41,9 +41,7 @@ def reference_split(manifest: dict, cfg: Config):
     """The data the labels must come from: the configured data when the config sets any data field
     or the seed (-c or overrides), else the dataset named in the manifest, reloaded afresh."""
     if cfg.data.model_fields_set or "seed" in cfg.model_fields_set:
-        from dd_dist.pipeline import train_split
-
-        return train_split(cfg)
+        return run_split(cfg, "train")
     data = manifest["data"]
     return load_split(data["name"], data.get("split", "train"), cfg.data.path, data["rows"], manifest["seed"])
 

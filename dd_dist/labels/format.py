@@ -1,4 +1,4 @@
-"""The soft-label shard format: the contract between `label` and `distill`.
+"""The soft-label shard format: the contract between `label` and `distill`, and the names inside a label directory.
 
 A label directory holds Parquet files `train/part-XXXXX.parquet` (shard s = row ids [s*R, (s+1)*R))
 with columns `id`, `probs` (float16/float32 lists) or top-k `idx`/`val`/`rest`, and `mc_stderr`,
@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 FORMAT = "dd-dist-labels/1"
 COMPRESSION = "zstd"
 SHARDS = "train"  # the shards' folder: HF datasets names the split after it
+PENDING = ".pending.json"  # the settings of an unfinished run, so that a resume cannot mix settings
 
 
 def shard_name(index: int) -> str:

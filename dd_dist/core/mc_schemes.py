@@ -1,6 +1,6 @@
 """Cheaper MC labels at equal quality: variance-reduced and adaptive-K estimates of E_sigma[softmax(f_sigma(x))].
 
-A scheme (MCScheme) switches on, each on its own:
+A scheme (dd_dist.schemes.MCScheme) switches on, each on its own:
 
 - antithetic masks: masks come in pairs (keep_masks(..., antithetic=True)): the second of a pair
   drops a unit when the first's uniform u, reflected to 1 - u, falls below p. Each mask still drops
@@ -48,83 +48,17 @@ or the other rows.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.config import scheme_problem
-from dd_dist.data import row_rng_seed
-from dd_dist.mc import _run, _split_at_first_dropout, _widest, keep_masks, mc_probs
+from dd_dist.core.data import row_rng_seed
+from dd_dist.core.mc import keep_masks, mc_probs, run_masked, split_at_first_dropout, widest_activation
+from dd_dist.schemes import MCScheme
 
 AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate
-
-
-@dataclasses.dataclass(frozen=True)
-class MCScheme:
-    k: int | None = 100  # masks per row; None: adaptive
-    stderr_target: float = 0.005  # adaptive: the MC standard error (largest class) to reach
-    k_min: int = 8  # adaptive: masks of the pilot round (both streams), and the step of K
-    k_max: int = 400  # adaptive: most masks per row
-    antithetic: bool = False
-    control_variate: bool = False
-    fanout: tuple[int, ...] = ()  # mask tree: branches per sample at the 2nd, 3rd, ... dropout layer
-
-    def __post_init__(self):
-        fanout = tuple(self.fanout)  # a manifest or YAML gives a list; trailing 1s change nothing
-        while fanout and fanout[-1] == 1:
-            fanout = fanout[:-1]
-        object.__setattr__(self, "fanout", fanout)
-        problem = scheme_problem("auto" if self.k is None else self.k, self.k_min, self.k_max, self.antithetic,
-                                 self.control_variate, self.fanout)
-        if problem:
-            raise ValueError(problem)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.k is None
-
-    @property
-    def plain(self) -> bool:
-        """The plain K-mask mean of mc_probs: one stream, no variance reduction."""
-        return not (self.adaptive or self.antithetic or self.control_variate or self.fanout)
-
-    @property
-    def leaves(self) -> int:
-        """Leaf samples under each mask of the first dropout layer."""
-        return math.prod(self.fanout)
-
-    @property
-    def unit(self) -> int:
-        """Masks per unit of the estimate: an antithetic pair or a single mask."""
-        return 2 if self.antithetic else 1
-
-    def describe(self) -> str:
-        what = [f"K=auto (MC stderr {self.stderr_target:g}, {self.k_min}..{self.k_max} masks)" if self.adaptive
-                else f"K={self.k}"]
-        tree = [f"fanout {'x'.join(map(str, self.fanout))}"] if self.fanout else []
-        return ", ".join(what + tree + ["antithetic masks"] * self.antithetic + ["control variate"] * self.control_variate)
-
-    def record(self) -> dict:
-        """What a label manifest stores (the "scheme" entry): enough to rebuild the scheme."""
-        out = {"k": "auto" if self.adaptive else self.k, "antithetic": self.antithetic,
-               "control_variate": self.control_variate, "streams": 2}
-        if self.fanout:
-            out["fanout"] = list(self.fanout)
-        if self.adaptive:
-            out |= {"stderr_target": self.stderr_target, "k_min": self.k_min, "k_max": self.k_max}
-        return out
-
-    @classmethod
-    def from_record(cls, record: dict | None, k: int) -> MCScheme:
-        """The scheme of a manifest: its "scheme" entry, or the plain K-mask mean where there is none."""
-        if not record:
-            return cls(k=k)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kept = {key: value for key, value in record.items() if key in fields}
-        return cls(**{**kept, "k": None if kept["k"] == "auto" else kept["k"]})
 
 
 def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
@@ -132,7 +66,7 @@ def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
     dropout (the part MC repeats; the prefix runs once per image), counted in multiply-adds of the Conv
     and Linear layers: 1 without a tree, so K masks cost K passes; with a fanout, each segment between
     two dropouts counts as often as it runs."""
-    prefix, rest = _split_at_first_dropout(model)
+    prefix, rest = split_at_first_dropout(model)
     sampler = _Sampler(rest, scheme, 0, 1)
     cost, h = [], nn.Sequential(*prefix).eval()(torch.zeros(1, *in_shape))  # cost[l]: after the l-th dropout
     with torch.inference_mode():
@@ -152,7 +86,7 @@ def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
 def check_model(model: nn.Sequential, scheme: MCScheme) -> None:
     """ValueError when the scheme cannot run on the model (a nested dropout; the control variate without
     an affine tail after the last dropout)."""
-    _Sampler(_split_at_first_dropout(model)[1], scheme, 0, 1)
+    _Sampler(split_at_first_dropout(model)[1], scheme, 0, 1)
 
 
 def mc_label(model: nn.Sequential, x: torch.Tensor, row_ids, seed: int, scheme: MCScheme,
@@ -168,7 +102,7 @@ def mc_label(model: nn.Sequential, x: torch.Tensor, row_ids, seed: int, scheme: 
     ids = torch.as_tensor(row_ids).tolist()
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
-    prefix, rest = _split_at_first_dropout(model)
+    prefix, rest = split_at_first_dropout(model)
     sampler = _Sampler(rest, scheme, seed, max_elems)
     with torch.inference_mode():
         h = nn.Sequential(*prefix)(x)
@@ -210,7 +144,7 @@ class _Sampler:
             self.last_layer = sum(isinstance(m, nn.Dropout) for m in self.body)
 
     def size(self, h1: torch.Tensor) -> None:
-        self.widest = _widest(self.rest, h1)
+        self.widest = widest_activation(self.rest, h1)
 
     def __call__(self, h: torch.Tensor, ids: list[int], stream: int, round_: int, units: int):
         k, unit, leaves = units * self.scheme.unit, self.scheme.unit, self.scheme.leaves
@@ -222,13 +156,13 @@ class _Sampler:
             masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
                                                    self.scheme.antithetic)
             if not self.scheme.control_variate:
-                y = F.softmax(_run(self.rest, h[start : start + chunk], masks, k), 1)
+                y = F.softmax(run_masked(self.rest, h[start : start + chunk], masks, k), 1)
             else:
-                pre = _run(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
+                pre = run_masked(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
                 if self.last_layer:  # the last layer's own branches of each sample above it
                     pre = pre.repeat_interleave(self.per_mask[-1] // self.per_mask[-2], dim=0)
                 last = lambda layer, n, p: masks(self.last_layer, n, p).reshape(-1, 1, n)  # noqa: E731
-                z = _run([self.last, *self.tail], pre, last, 1)
+                z = run_masked([self.last, *self.tail], pre, last, 1)
                 zbar = self.tail(pre)  # E[z | the other masks]: the tail is affine
                 sbar, d = F.softmax(zbar, 1), z - zbar
                 g = sbar * (d - (sbar * d).sum(1, keepdim=True))  # J(zbar) (z - zbar), J = diag(s) - s s^T

@@ -1,7 +1,7 @@
 """`dd-dist evaluate`: standard dropout, MC dropout at each K (several seeds) and the distilled
 student on the test split: error, NLL, ECE, Brier, reliability bins and latency.
 
-Writes run_dir/eval/results.json and logs the same numbers to MLflow (an "evaluate" stage run).
+Writes run_dir/eval/results.json (layout.RunDir.results) and logs the same numbers to MLflow (an "evaluate" stage run).
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from dd_dist.config import Config
-from dd_dist.data import Split, row_rng_seed
+from dd_dist.core.data import Split, row_rng_seed, run_split
+from dd_dist.core.mc import mc_probs, standard_probs
+from dd_dist.core.metrics import classification_metrics, reliability_bins
+from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
 from dd_dist.files import write_json
-from dd_dist.mc import mc_probs, standard_probs
-from dd_dist.metrics import classification_metrics, reliability_bins
-from dd_dist.models import load_model
-from dd_dist.pipeline import student_path, teacher_path, test_split
-from dd_dist.tracking import log_artifact, log_metrics, stage_run
+from dd_dist.infra.tracking import Tracker
+from dd_dist.layout import RunDir
 
 QUALITY = ("error", "nll", "ece", "brier")
 SPEED = ("latency_ms", "images_per_s")
@@ -31,17 +31,21 @@ EVAL_SEED_SALT = 0xE7A1  # evaluation masks must not repeat the label stage's ma
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, row ids) -> probabilities
 
 
-def results_path(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / "eval" / "results.json"
+def run(cfg: Config, parent: str | None = None) -> Path:
+    """Score every method on the test split under an MLflow "evaluate" run; returns run_dir/eval/results.json."""
+    evaluate(cfg, parent)
+    return RunDir(cfg).results
 
 
 def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Score every method on the test split; returns what run_dir/eval/results.json holds."""
-    split = test_split(cfg)
-    teacher = _load_checked(teacher_path(cfg), split, "teacher")
-    student = _load_checked(student_path(cfg), split, "student") if student_path(cfg).is_file() else None
-    e = cfg.eval
-    with _torch_threads(e.threads), stage_run(cfg, "evaluate", parent_run_id, eval_ks=e.ks) as run_id:
+    run = RunDir(cfg)
+    run.check_writable(run.results.parent)
+    split = run_split(cfg, "test")
+    teacher = _load_checked(run.teacher, split, "teacher")
+    student = _load_checked(run.student, split, "student") if run.student.is_file() else None
+    e, tracker = cfg.eval, Tracker(cfg)
+    with _torch_threads(e.threads), tracker.stage_run("evaluate", parent_run_id, eval_ks=e.ks) as run_id:
         results = {"dataset": split.name, "arch": cfg.model.arch, "test_images": len(split),
                    "data_fingerprint": split.fingerprint, "batch_size": e.batch_size,
                    "threads": torch.get_num_threads(), "ece_bins": e.ece_bins, "methods": {}, "notes": []}
@@ -56,12 +60,13 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
                 results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1,
                                                          bar, timings=e.repeats)
             else:
-                results["notes"].append(f"no student at {student_path(cfg)}: distilled skipped")
-        write_json(results_path(cfg), results)
-        log_metrics({"test_images": len(split), **mlflow_metrics(results)}, run_id=run_id)
+                results["notes"].append(f"no student at {run.student}: distilled skipped")
+        write_json(run.results, results)
+        tracker.log_metrics({"test_images": len(split), **mlflow_metrics(results)}, run_id=run_id)
         for k in e.ks:  # the MC curve as a stepped series, for MLflow's charts
-            log_metrics({"mc_curve/error_mean": results["methods"][f"mc{k}"]["error_mean"]}, step=k, run_id=run_id)
-        log_artifact(results_path(cfg), run_id=run_id)
+            tracker.log_metrics({"mc_curve/error_mean": results["methods"][f"mc{k}"]["error_mean"]}, step=k,
+                                run_id=run_id)
+        tracker.log_artifact(run.results, run_id=run_id)
     print(format_table(results))
     for note in results["notes"]:
         print(f"note: {note}")
@@ -141,9 +146,7 @@ def _load_checked(path: Path, split: Split, role: str):
     if not path.is_file():
         raise UserError(f"no {role} checkpoint at {path}: run `dd-dist {'teacher' if role == 'teacher' else 'distill'}` first")
     model, spec = load_model(path)
-    if tuple(spec["in_shape"]) != split.in_shape or spec["num_classes"] != split.num_classes:
-        raise UserError(f"{role} at {path} takes {tuple(spec['in_shape'])} images with {spec['num_classes']} classes, "
-                        f"but the {split.name} test split has {split.in_shape} with {split.num_classes}")
+    check_fits(spec, split, f"{role} at {path}")
     return model
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.data import row_rng_seed
+from dd_dist.core.data import row_rng_seed
 
 
 def dropout_layers(model: nn.Module) -> list[nn.Dropout]:
@@ -79,7 +79,7 @@ def _below_p(byte: torch.Tensor, p: float, row_ids, stream: tuple, gen: torch.Ge
     return keep
 
 
-def _split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:
+def split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:
     modules = list(model)
     top = [m for m in modules if isinstance(m, nn.Dropout)]
     nested = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
@@ -90,7 +90,7 @@ def _split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list
     return modules[:first], modules[first:]
 
 
-def _run(modules, h, masks, samples: int) -> torch.Tensor:
+def run_masked(modules, h, masks, samples: int) -> torch.Tensor:
     """Run modules with inverted dropout, masks(layer, units, p) giving the (rows, samples, units)
     keep-masks of the layer-th dropout. h has one row per input until the first dropout broadcasts it
     to rows*samples rows: cheaper than copying h for each sample and then masking the copy. A later
@@ -117,7 +117,7 @@ def _run(modules, h, masks, samples: int) -> torch.Tensor:
     return h if expanded else h.repeat_interleave(samples, dim=0)
 
 
-def _widest(modules, h1: torch.Tensor) -> int:
+def widest_activation(modules, h1: torch.Tensor) -> int:
     """Largest per-sample activation among h1 and the modules' outputs: a one-row dry run, dropout off."""
     widest = h1[0].numel()
     for module in modules:
@@ -142,18 +142,18 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
     ids = torch.as_tensor(row_ids).tolist()
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
-    prefix, rest = _split_at_first_dropout(model)
+    prefix, rest = split_at_first_dropout(model)
     means, errors = [], []
     with torch.inference_mode():
         h = nn.Sequential(*prefix)(x)
         if not ids:  # an empty batch: nothing to sample, but the caller still gets (0, C)
             out = nn.Sequential(*rest)(h)
             return (out, out[:, 0]) if return_stderr else out
-        chunk = max(1, max_elems // (k * _widest(rest, h[:1])))
+        chunk = max(1, max_elems // (k * widest_activation(rest, h[:1])))
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
             masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed)  # noqa: E731
-            logits = _run(rest, h[start : start + chunk], masks, k)
+            logits = run_masked(rest, h[start : start + chunk], masks, k)
             probs = F.softmax(logits, dim=1).view(len(rows), k, -1)
             means.append(probs.mean(1))
             if return_stderr:
@@ -166,11 +166,11 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
 def mc_probs_naive(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int) -> torch.Tensor:
     """The same masks as mc_probs, but k full forward passes in a Python loop: the test reference."""
     model.eval()
-    _split_at_first_dropout(model)  # the same structural check
+    split_at_first_dropout(model)  # the same structural check
     ids = torch.as_tensor(row_ids).tolist()
     draw = functools.cache(lambda layer, n, p: keep_masks(ids, layer, k, n, p, seed))
     with torch.inference_mode():
-        passes = [_run(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1) for j in range(k)]
+        passes = [run_masked(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1) for j in range(k)]
         return sum(F.softmax(logits, dim=1) for logits in passes) / k
 
 

@@ -173,6 +173,14 @@ def load_model(path) -> tuple[nn.Sequential, dict]:
     return model.eval(), spec
 
 
+def check_fits(spec: dict, split, what: str) -> None:
+    """Refuse, in one line, a model (its spec; `what` names it) whose input shape or classes are not `split`'s."""
+    if tuple(spec["in_shape"]) != split.in_shape or spec["num_classes"] != split.num_classes:
+        raise UserError(f"{what} takes {tuple(spec['in_shape'])} images with "
+                        f"{spec['num_classes']} classes, but the {split.name} {split.split} split has "
+                        f"{split.in_shape} with {split.num_classes}")
+
+
 def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Ω ← Θ*: copy every tensor whose shape matches; resized layers get N(0, 0.01²) weights, zero biases."""
     source, reset = teacher.state_dict(), []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dd_dist.config import ClusterConfig, Config
 from dd_dist.errors import UserError
+from dd_dist.layout import RunDir
 
 # Passed to every Ray worker: no telemetry, and DeepSpeed on CPU unless a GPU run asks otherwise.
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
@@ -42,7 +43,7 @@ def default_auth(cfg: ClusterConfig, environ=os.environ) -> None:
 @contextmanager
 def ray_session(cfg: ClusterConfig):
     """Yield with Ray initialised; shut down only a Ray this call started."""
-    import ray
+    import ray  # heavy, and read only after default_auth has set the auth mode
 
     if ray.is_initialized():
         yield
@@ -63,27 +64,19 @@ def ray_session(cfg: ClusterConfig):
         ray.shutdown()
 
 
-def storage_dir(cfg: Config) -> str:
-    """Where a run keeps its Ray Train checkpoints: cluster.storage_path/<name of run_dir> when set,
-    else run_dir. A local path, NFS mount or URI."""
-    if not cfg.cluster.storage_path:
-        return cfg.run_dir
-    return f"{cfg.cluster.storage_path.rstrip('/')}/{Path(cfg.run_dir).name}"
-
-
 def check_shared_storage(cfg: Config) -> int:
     """Refuse, in one line, a multi-node Ray cluster on which some node cannot see run_dir (the teacher,
-    the label shards and the exported models live there) or a local storage_dir(cfg) (checkpoints).
+    the label shards and the exported models live there) or the local folder of its checkpoints.
 
     Call it with Ray initialised (inside ray_session), before the first stage. A URI (s3://, gs://, ...)
     is shared by nature; a path is probed: this process writes a file there and a task pinned to each
     node looks for it. Returns the number of alive nodes."""
-    import ray
+    import ray  # heavy: only where a run spans nodes
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return len(nodes)
-    for key, path in (("run_dir", cfg.run_dir), ("cluster.storage_path", storage_dir(cfg))):
+    for key, path in (("run_dir", cfg.run_dir), ("cluster.storage_path", RunDir(cfg).checkpoints)):
         if "://" in path:
             continue
         blind = _nodes_blind_to(Path(path).resolve(), nodes)
@@ -96,7 +89,7 @@ def check_shared_storage(cfg: Config) -> int:
 
 def _nodes_blind_to(folder: Path, nodes: list[dict]) -> list[str]:
     """The nodes (as 'address (id)') on which a file this process writes into `folder` is not there."""
-    import ray
+    import ray  # heavy: only where a run spans nodes
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex

@@ -1,10 +1,10 @@
 """One trainer for teacher and student: DeepSpeed engines inside a Ray Train TorchTrainer.
 
 The driver checks everything a user can get wrong (DeepSpeed JSON, batch split, teacher, label
-manifest) before Ray Train starts, runs the worker group (dd_dist/trainer_worker.py) and copies
-the model that rank 0 exported into the final checkpoint to run_dir/<stage>/model.pt
-(pipeline.teacher_path / student_path). Going through the checkpoint keeps multi-node runs
-right: rank 0 may live on another machine than the driver, the checkpoint storage is shared.
+manifest) before Ray Train starts, runs the worker group (dd_dist.train.worker) and copies the model
+that rank 0 exported into the final checkpoint to run_dir/<role>/model.pt. Going through the
+checkpoint keeps multi-node runs right: rank 0 may live on another machine than the driver, the
+checkpoint storage (layout.RunDir.checkpoints) is shared.
 """
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ import json
 import shutil
 from pathlib import Path
 
-from dd_dist.config import Config, TrainConfig
+from dd_dist.config import Config
+from dd_dist.core.data import Split, run_split
+from dd_dist.core.models import check_fits, read_checkpoint
+from dd_dist.core.tasks import StudentTask, Task
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
+from dd_dist.infra.cluster import ray_session
+from dd_dist.infra.tracking import Tracker
+from dd_dist.labels.format import SHARDS, check_labels_match, check_shards, read_manifest
+from dd_dist.layout import HISTORY, MODEL, RunDir
+from dd_dist.train.worker import train_worker
 
-REPO = Path(__file__).resolve().parent.parent
-HISTORY = "history.json"  # per-epoch metrics, carried from checkpoint to checkpoint by rank 0
-MODEL = "model.pt"
-
-
-def stage_options(cfg: Config, stage: str) -> TrainConfig:
-    if stage not in ("teacher", "student"):
-        raise ValueError(f"stage must be 'teacher' or 'student', not {stage!r}")
-    return cfg.teacher if stage == "teacher" else cfg.distill
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def load_deepspeed_config(cfg: Config) -> dict:
@@ -50,50 +50,42 @@ def load_deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, list[dict]]:
-    """Train the teacher (hard labels, cross-entropy) or the student (soft labels, KL) with
-    cluster.num_workers DeepSpeed workers; returns (pipeline.teacher_path / student_path, per-epoch metrics).
+def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, list[dict]]:
+    """Train the teacher (TeacherTask: hard labels, cross-entropy) or the student (StudentTask: soft
+    labels, KL) with cluster.num_workers DeepSpeed workers; returns (run_dir/<role>/model.pt, per-epoch
+    metrics).
 
     Each metrics row holds epoch, loss, lr, samples_per_s, epoch_seconds, setup_seconds,
     threads, world, nodes (the Ray node id of each rank) and resumed_from (the epoch of the
     checkpoint its worker group started from, 0 for a fresh start). Rank 0 also logs each epoch
     to the MLflow run `run_id`.
     """
-    import ray
+    import ray  # heavy: only where training runs
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dd_dist.cluster import ray_session
-    from dd_dist.pipeline import student_path, teacher_path, train_split
-    from dd_dist.tracking import tracking_uri
-    from dd_dist.trainer_worker import train_worker
-
-    opt, workers = stage_options(cfg, stage), cfg.cluster.num_workers
+    opt, workers, run = task.options(cfg), cfg.cluster.num_workers, RunDir(cfg)
     if opt.batch_size % workers:
         raise UserError(f"batch size {opt.batch_size} must be divisible by cluster.num_workers={workers}")
     ds_config = load_deepspeed_config(cfg)
     if opt.optimizer == "deepspeed" and "optimizer" not in ds_config:
         raise UserError(f"optimizer=deepspeed needs an 'optimizer' block in {cfg.cluster.deepspeed}")
-    split = train_split(cfg)
+    split = run_split(cfg, "train")
     labels, label_seed = None, cfg.seed
-    if stage == "student":
-        _check_teacher(cfg, split)
+    if task is StudentTask:
+        check_teacher(cfg, split)
         if cfg.distill.mode == "offline":
-            labels, label_seed = _checked_labels(cfg, split)
-    out = (teacher_path if stage == "teacher" else student_path)(cfg)
-    # The store's URI as the driver resolves it: a relative SQLite path means the driver's directory.
-    tracking = {"run_id": run_id, "uri": tracking_uri(cfg.tracking)}
+            labels, label_seed = checked_labels(cfg, split)
     absolute = cfg.resolved()  # the workers may start in another directory or on another node
-    loop_config = {"cfg": absolute.model_dump(), "stage": stage, "ds": ds_config, "label_seed": label_seed,
-                   "tracking": tracking}
+    loop_config = {"cfg": absolute.model_dump(), "task": task, "ds": ds_config, "labels": labels is not None,
+                   "label_seed": label_seed, "tracking": Tracker(cfg).for_workers(run_id)}
     # A fresh name per call: Ray Train V2 would otherwise resume an earlier run of the same name,
     # whatever its settings were. Restarts inside this run resume from its own checkpoints.
-    name = f"{Path(cfg.run_dir).name}-{stage}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-    storage = absolute.cluster.storage_path or f"{absolute.run_dir}/ray_results"  # local, NFS or s3://
+    name = f"{run.root.name}-{task.role}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     with ray_session(cfg.cluster):
         # Read once here into the object store: each worker then iterates the blocks instead of running
         # its own read of every shard (two readers on 2 cores tripled a short student's start-up).
-        datasets = {"labels": ray.data.read_parquet(str(labels / "train")).materialize()} if labels else None
+        datasets = {"labels": ray.data.read_parquet(str(labels / SHARDS)).materialize()} if labels else None
         trainer = TorchTrainer(
             train_worker, train_loop_config=loop_config, datasets=datasets,
             # Every worker reads ALL labels (they are small: N x classes) and takes its slice of each
@@ -104,29 +96,26 @@ def train(cfg: Config, stage: str, run_id: str | None = None) -> tuple[Path, lis
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
                                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
                                          placement_strategy=cfg.cluster.placement),
-            run_config=RunConfig(name=name, storage_path=storage,
+            run_config=RunConfig(name=name, storage_path=RunDir(absolute).checkpoints,
                                  failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         result = trainer.fit()
+    out = run.model(task.role)
     with result.checkpoint.as_directory() as final:
         history = json.loads((Path(final) / HISTORY).read_text())
         atomic_write(out, lambda tmp: shutil.copyfile(Path(final) / MODEL, tmp))
-    write_json(out.parent / HISTORY, {"stage": stage, "epochs": history})
+    write_json(run.history(task.role), {"stage": task.role, "epochs": history})
     return out, history
 
 
-def _check_teacher(cfg: Config, split) -> None:
-    from dd_dist.models import read_checkpoint
-    from dd_dist.pipeline import teacher_path
-
-    path = teacher_path(cfg)
+def check_teacher(cfg: Config, split: Split) -> None:
+    """Refuse, before any work, a missing teacher or one the student cannot be distilled from."""
+    path = RunDir(cfg).teacher
     if not path.is_file():
         raise UserError(f"no teacher at {path}: run `dd-dist teacher` first")
     spec = read_checkpoint(path)["spec"]
-    if tuple(spec["in_shape"]) != split.in_shape or spec["num_classes"] != split.num_classes:
-        raise UserError(f"teacher {path} takes {spec['in_shape']} with {spec['num_classes']} classes, "
-                        f"the data has {list(split.in_shape)} with {split.num_classes}")
+    check_fits(spec, split, f"teacher {path}")
     if cfg.distill.init == "teacher" and spec["arch"] != cfg.model.arch:
         raise UserError(f"distill.init=teacher needs the teacher's architecture: teacher is {spec['arch']}, "
                         f"model.arch is {cfg.model.arch}")
@@ -136,12 +125,9 @@ def _check_teacher(cfg: Config, split) -> None:
                         f"a student initialised from the teacher can only be as wide or smaller")
 
 
-def _checked_labels(cfg: Config, split) -> tuple[Path, int]:
+def checked_labels(cfg: Config, split: Split) -> tuple[Path, int]:
     """The label directory, checked against the configured data; and the seed its augmentation used."""
-    from dd_dist.labels import labels_dir
-    from dd_dist.shards import check_labels_match, check_shards, read_manifest
-
-    labels = labels_dir(cfg).resolve()
+    labels = RunDir(cfg).labels.resolve()
     manifest = read_manifest(labels)
     check_labels_match(manifest, data_fingerprint=split.fingerprint, num_classes=split.num_classes,
                        zero_p=cfg.data.zero_p, flip_p=cfg.data.flip_p)

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dd_dist.config import Config
 from dd_dist.errors import UserError
+from dd_dist.layout import RunDir
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")  # plus hf:<name-or-path>
 SPLITS = ("train", "val", "test")
@@ -74,6 +76,11 @@ def load_split(name: str, split: str, path: str | None = None, rows: int = 0, se
     if rows:
         x, y = x[:rows], y[:rows]
     return Split(x, y, num_classes, name, split, _fingerprint(name, split, x, y))
+
+
+def run_split(cfg: Config, which: str) -> Split:
+    """The `which` split (train, val, test) of the run that `cfg` configures (layout.RunDir.split)."""
+    return load_split(**RunDir(cfg).split(which))
 
 
 def _fingerprint(name: str, split: str, x: np.ndarray, y: np.ndarray) -> str:
@@ -251,7 +258,7 @@ def _unpickle(raw: bytes, where) -> dict:
 
 def _hf_open(source: str):
     """A DatasetDict from a local directory or the hub; anything that fails to load is the user's to fix."""
-    import datasets
+    import datasets  # heavy (pulls in pandas and the hub client): only for hf: sources
 
     local = Path(source).expanduser()
     if not local.is_dir() and source.startswith(("/", ".", "~")):  # looks like a path: never ask the hub about it
@@ -317,7 +324,7 @@ def _hf_images(images, source: str) -> np.ndarray:
 
 
 def _to_pil(image):
-    from PIL import Image
+    from PIL import Image  # only for hf: sources whose images are arrays
 
     return Image.fromarray(np.asarray(image, dtype=np.uint8))
 

@@ -1,4 +1,4 @@
-"""The train function each Ray Train worker runs: one DeepSpeed engine, one stage.
+"""The train function each Ray Train worker runs: one DeepSpeed engine, one stage (a core.tasks task).
 
 Batching: every rank walks the same (seed, epoch) permutation of the row ids and takes its slice
 (rank::world) of each global batch, so N workers follow the trajectory of one worker with the
@@ -14,34 +14,36 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
 from dd_dist.config import Config
-from dd_dist.trainer import HISTORY, MODEL, stage_options
+from dd_dist.core.data import row_rng_seed, run_split
+from dd_dist.core.loop import epoch_batches, lr_at, print_epoch
+from dd_dist.core.models import save_model
+from dd_dist.core.tasks import SoftLabels
+from dd_dist.infra.tracking import Tracker
+from dd_dist.labels.format import table_probs
+from dd_dist.layout import HISTORY, MODEL
 
 
 def train_worker(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
-    import ray.train
-    import torch.distributed as dist
-
-    from dd_dist.data import row_rng_seed
-    from dd_dist.models import save_model
-    from dd_dist.train import epoch_batches, loss_for, lr_at, train_mode
+    import ray.train  # heavy, and present only inside a Ray Train worker
 
     began = time.perf_counter()
-    cfg, stage = Config.model_validate(config["cfg"]), config["stage"]
-    opt = stage_options(cfg, stage)
+    cfg, task = Config.model_validate(config["cfg"]), config["task"]
+    opt = task.options(cfg)
     torch.set_num_threads(cfg.cluster.cpus_per_worker)  # what the plain loop gets for the same CPUs
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     nodes = [None] * world  # where each rank runs, for the history
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    torch.manual_seed(cfg.seed)
-    model, spec, batch_fn, ids, fingerprint = _build_stage(cfg, stage, config["label_seed"])
-    engine, optimizer = _engine(model, opt, config["ds"], world)
+    split = run_split(cfg, "train")  # cached per process
+    labels = _read_labels(ray.train.get_dataset_shard("labels"), split.num_classes) if config["labels"] else None
+    setup = task.setup(cfg, split, labels, config["label_seed"])
+    engine, optimizer = _engine(setup.model, opt, config["ds"], world)
 
     start_epoch, step, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -52,9 +54,9 @@ def train_worker(config: dict) -> None:
         start_epoch, step = client["epoch"], client["step"]
     log = _epoch_logger(cfg, rank, config["tracking"])
     if start_epoch:
-        log(f"{stage}: resuming from the checkpoint of epoch {start_epoch}")
+        log(f"{task.role}: resuming from the checkpoint of epoch {start_epoch}")
 
-    loss_fn, device, dtype = loss_for(stage), engine.device, _input_dtype(engine)
+    device, dtype = engine.device, _input_dtype(engine)
     setup_seconds = time.perf_counter() - began
     for epoch in range(start_epoch, opt.epochs):
         if opt.optimizer != "deepspeed":  # the paper's step schedule; a DeepSpeed optimizer keeps its own lr
@@ -62,14 +64,14 @@ def train_worker(config: dict) -> None:
                 group["lr"] = lr_at(opt, epoch)
         # Dropout masks from (seed, epoch, rank): a restarted group draws the ones the lost one drew.
         torch.manual_seed(row_rng_seed(cfg.seed, epoch, rank))
-        train_mode(engine, stage, opt)  # DeepSpeedEngine.train() and the student's dropout off
+        task.train_mode(engine, opt)  # DeepSpeedEngine.train() and the student's dropout off
         total, epoch_began = torch.zeros(2, dtype=torch.float64), time.perf_counter()
-        for batch in epoch_batches(ids, opt.batch_size, cfg.seed, epoch):
+        for batch in epoch_batches(setup.ids, opt.batch_size, cfg.seed, epoch):
             if len(batch) < world:  # a last batch too small to give every rank a row
                 continue
             mine = batch[rank::world]
-            inputs, targets = batch_fn(mine, epoch, step)
-            loss = loss_fn(engine(inputs.to(device, dtype)).float(), targets.to(device))
+            inputs, targets = setup.batches(mine, epoch, step)
+            loss = task.loss(engine(inputs.to(device, dtype)).float(), targets.to(device))
             # DeepSpeed averages gradients over ranks; weighting by this rank's share of the batch
             # makes that the mean over the global batch even when the slices differ in size.
             engine.backward(loss * (len(mine) * world / len(batch)))
@@ -89,17 +91,17 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 (Path(d) / HISTORY).write_text(json.dumps(history))
                 if epoch + 1 == opt.epochs:  # the export, for the driver to copy out of the final checkpoint
-                    save_model(Path(d) / MODEL, engine.module.float(), spec,
-                               {"data_fingerprint": fingerprint, "stage": stage, "final_loss": row["loss"]})
+                    save_model(Path(d) / MODEL, engine.module.float(), setup.spec,
+                               {"data_fingerprint": setup.fingerprint, "stage": task.role, "final_loss": row["loss"]})
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-        log({"stage": stage, "epochs": opt.epochs, **row})
+        log({"stage": task.role, "epochs": opt.epochs, **row})
 
 
 def _engine(model: torch.nn.Module, opt, ds_json: dict, world: int):
     """deepspeed.initialize with the global batch split over the workers; SGD with momentum and
     weight decay unless the config asks for the JSON's own optimizer block."""
-    import deepspeed
+    import deepspeed  # heavy: only inside a training worker
 
     ds = dict(ds_json, train_batch_size=opt.batch_size, train_micro_batch_size_per_gpu=opt.batch_size // world,
               gradient_accumulation_steps=1)
@@ -123,11 +125,9 @@ def _input_dtype(engine) -> torch.dtype:
 
 def _epoch_logger(cfg: Config, rank: int, tracking: dict):
     """Rank 0 prints progress and logs each epoch to MLflow; the other ranks stay silent."""
-    from dd_dist import tracking as mlflow_tracking
-    from dd_dist.train import print_epoch
-
-    if rank == 0 and tracking["run_id"]:
-        mlflow_tracking.use_store(cfg.tracking.model_copy(update={"uri": tracking["uri"]}))
+    tracker, run_id = Tracker.from_workers(cfg, tracking)
+    if rank == 0 and run_id:
+        tracker.use_store()
 
     def log(row: dict | str) -> None:
         if rank != 0:
@@ -136,47 +136,17 @@ def _epoch_logger(cfg: Config, rank: int, tracking: dict):
             print(row, flush=True)
             return
         print_epoch(row)
-        if tracking["run_id"]:
+        if run_id:
             metrics = {k: row[k] for k in ("loss", "lr", "samples_per_s", "epoch_seconds")}
-            mlflow_tracking.log_metrics(metrics, step=row["epoch"], run_id=tracking["run_id"])
+            tracker.log_metrics(metrics, step=row["epoch"], run_id=run_id)
 
     return log
 
 
-def _build_stage(cfg: Config, stage: str, label_seed: int):
-    """(model, spec, batch_fn, row ids to train on, data fingerprint) for this stage."""
-    from dd_dist.models import init_student_from_teacher, load_model
-    from dd_dist.pipeline import build_for, teacher_path, train_split
-    from dd_dist.train import offline_batches, online_batches, teacher_batches
-
-    split = train_split(cfg)  # cached per process
-    all_rows = np.arange(len(split))
-    if stage == "teacher":
-        model, spec = build_for(cfg, split)
-        return model, spec, teacher_batches(split), all_rows, split.fingerprint
-    teacher, _ = load_model(teacher_path(cfg))
-    model, spec = build_for(cfg, split, cfg.distill.width)
-    if cfg.distill.init == "teacher":
-        init_student_from_teacher(model, teacher)
-    if cfg.distill.mode == "online":
-        batches = online_batches(split, teacher, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
-        return model, spec, batches, all_rows, split.fingerprint
-    ids, probs = _read_labels(split.num_classes)
-    soft = torch.zeros(len(split), split.num_classes)
-    soft[ids] = probs
-    # The inputs the labels were computed on: augmentation epoch 0 with the labels' own seed.
-    batches = offline_batches(split, soft, label_seed, cfg.data.zero_p, cfg.data.flip_p)
-    return model, spec, batches, np.sort(ids.numpy()), split.fingerprint
-
-
-def _read_labels(num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_labels(shard, num_classes: int) -> SoftLabels:
     """Every row of the label shards, read through Ray Data, as float32 distributions."""
-    import ray.train
-
-    from dd_dist.shards import table_probs
-
     ids, probs = [], []
-    for table in ray.train.get_dataset_shard("labels").iter_batches(batch_size=8192, batch_format="pyarrow"):
+    for table in shard.iter_batches(batch_size=8192, batch_format="pyarrow"):
         ids.append(torch.from_numpy(table.column("id").to_numpy()))
         probs.append(torch.from_numpy(table_probs(table, num_classes)))
     return torch.cat(ids), torch.cat(probs)

@@ -19,7 +19,8 @@ import mlflow
 from dd_dist.config import Config
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write
-from dd_dist.tracking import log_artifact, redact, stage_run, use_store
+from dd_dist.infra.tracking import Tracker, redact
+from dd_dist.layout import RunDir
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,22 +65,23 @@ class Evaluation:
 def compare(cfg: Config, experiment: str | None = None, out_dir: str | Path | None = None) -> str:
     """The Markdown report of the latest evaluate run per (dataset, arch); also writes it and the plots."""
     name = experiment or cfg.tracking.experiment
-    evaluations = load_evaluations(cfg, name)
-    out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "compare"
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.experiment = name
+    tracker = Tracker(cfg)
+    evaluations = load_evaluations(tracker)
+    out = Path(out_dir) if out_dir else RunDir(cfg).compare
     report = markdown_report(name, evaluations)
     plots = [path for e in evaluations for path in write_plots(e, out)]
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(report + "\n"))
-    cfg = cfg.model_copy(deep=True)
-    cfg.tracking.experiment = name
-    with stage_run(cfg, "compare", compared_runs=",".join(e.run_id for e in evaluations)) as run_id:
+    with tracker.stage_run("compare", compared_runs=",".join(e.run_id for e in evaluations)) as run_id:
         for path in [out / "compare.md", *plots]:
-            log_artifact(path, run_id=run_id)
+            tracker.log_artifact(path, run_id=run_id)
     return report
 
 
-def load_evaluations(cfg: Config, experiment: str) -> list[Evaluation]:
-    """The newest finished evaluate run of each (dataset, arch) in the experiment."""
-    uri = use_store(cfg.tracking)
+def load_evaluations(tracker: Tracker) -> list[Evaluation]:
+    """The newest finished evaluate run of each (dataset, arch) in the tracker's experiment."""
+    uri, experiment = tracker.use_store(), tracker.cfg.tracking.experiment
     try:
         exp = mlflow.get_experiment_by_name(experiment)
         runs = [] if exp is None else mlflow.search_runs(

@@ -1,0 +1,142 @@
+"""The two training stages as tasks: the model a stage trains, its batches, its loss and its train mode.
+
+The plain single-process loop (dd_dist.core.loop) and every DeepSpeed worker (dd_dist.train.worker)
+build a stage the same way, from the config and the training split:
+
+    TeacherTask   the dropout net on hard labels, cross-entropy
+    StudentTask   the student on the teacher's soft labels, KL: offline, the stored MC labels of the
+                  augmented view at epoch 0; online (the paper's Algorithm 2), a fresh augmentation and
+                  ONE teacher mask per example and step
+
+A batch function `batches(ids, epoch, step) -> (inputs, targets)` gives the rows of one step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dd_dist.config import Config, DistillConfig, TrainConfig
+from dd_dist.core.data import Split, augment
+from dd_dist.core.mc import dropout_layers, online_targets, soft_target_kl
+from dd_dist.core.models import build_model, init_student_from_teacher, load_model, model_spec
+from dd_dist.layout import RunDir
+
+BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+SoftLabels = tuple[torch.Tensor, torch.Tensor]  # (row ids, float32 distributions (rows, classes))
+
+
+@dataclass
+class Setup:
+    """What a stage trains: the model (and its checkpoint spec) and the rows it trains on."""
+
+    model: nn.Module
+    spec: dict
+    batches: BatchFn
+    ids: np.ndarray  # row ids of the training split to train on
+    fingerprint: str  # the training data's, recorded in the exported checkpoint
+
+
+def build_for(cfg: Config, split: Split, width: float = 1.0) -> tuple[nn.Module, dict]:
+    spec = model_spec(cfg.model.arch, split.in_shape, split.num_classes, cfg.model.p, width)
+    return build_model(**spec), spec
+
+
+def teacher_batches(split: Split) -> BatchFn:
+    x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+    return lambda ids, epoch, step: (x[ids], y[ids])
+
+
+def offline_batches(split: Split, soft_labels: torch.Tensor, seed: int, zero_p: float, flip_p: float) -> BatchFn:
+    """Student inputs are the augmented view the labels were computed on (augmentation epoch 0)."""
+    x = torch.from_numpy(split.x)
+    return lambda ids, epoch, step: (augment(x[ids], ids, seed, 0, zero_p, flip_p), soft_labels[ids])
+
+
+def online_batches(split: Split, teacher: nn.Module, seed: int, zero_p: float, flip_p: float) -> BatchFn:
+    """Algorithm 2: a fresh augmentation and ONE teacher dropout mask per example and step."""
+    x = torch.from_numpy(split.x)
+
+    def batch(ids, epoch, step):
+        inputs = augment(x[ids], ids, seed, epoch, zero_p, flip_p)
+        return inputs, online_targets(teacher, inputs, ids, seed, step)
+
+    return batch
+
+
+class TeacherTask:
+    """`dd-dist teacher`: the dropout net on hard labels."""
+
+    stage = "teacher"  # the CLI command and the MLflow stage
+    role = "teacher"  # the model it makes: run_dir/teacher/model.pt
+
+    @staticmethod
+    def options(cfg: Config) -> TrainConfig:
+        return cfg.teacher
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    @staticmethod
+    def train_mode(model: nn.Module, opt: TrainConfig) -> None:
+        model.train()
+
+    @staticmethod
+    def setup(cfg: Config, split: Split, labels: SoftLabels | None = None, label_seed: int | None = None) -> Setup:
+        torch.manual_seed(cfg.seed)
+        model, spec = build_for(cfg, split)
+        return Setup(model, spec, teacher_batches(split), np.arange(len(split)), split.fingerprint)
+
+
+class StudentTask:
+    """`dd-dist distill`: the student on the teacher's soft labels."""
+
+    stage = "distill"
+    role = "student"
+
+    @staticmethod
+    def options(cfg: Config) -> DistillConfig:
+        return cfg.distill
+
+    @staticmethod
+    def loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+        return soft_target_kl(logits, target_probs)
+
+    @staticmethod
+    def train_mode(model: nn.Module, opt: TrainConfig) -> None:
+        """model.train(), except that the student's dropout stays off (unless distill.dropout): it learns as
+        the deterministic predictor q it is at test time, since J(q) compares q(x) itself, not a masked q,
+        with the MC mean of the teacher."""
+        model.train()
+        if not (isinstance(opt, DistillConfig) and opt.dropout):
+            for module in dropout_layers(model):
+                module.eval()
+
+    @staticmethod
+    def setup(cfg: Config, split: Split, labels: SoftLabels | None = None, label_seed: int | None = None) -> Setup:
+        """Offline: `labels` are the soft labels of rows ids (augmentation seed `label_seed`, default cfg.seed);
+        online (distill.mode=online) needs none."""
+        torch.manual_seed(cfg.seed)
+        teacher, _ = load_model(RunDir(cfg).teacher)
+        model, spec = build_for(cfg, split, cfg.distill.width)
+        if cfg.distill.init == "teacher":
+            init_student_from_teacher(model, teacher)
+        zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p
+        if cfg.distill.mode == "online":
+            batches = online_batches(split, teacher, cfg.seed, zero_p, flip_p)
+            return Setup(model, spec, batches, np.arange(len(split)), split.fingerprint)
+        ids, probs = labels
+        soft = torch.zeros(len(split), split.num_classes)
+        soft[ids] = probs
+        # The inputs the labels were computed on: augmentation epoch 0 with the labels' own seed.
+        seed = cfg.seed if label_seed is None else label_seed
+        return Setup(model, spec, offline_batches(split, soft, seed, zero_p, flip_p), np.sort(ids.numpy()),
+                     split.fingerprint)
+
+
+Task = type[TeacherTask] | type[StudentTask]  # a stage is its class: picklable by name, for Ray Train workers
