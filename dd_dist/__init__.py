@@ -14,7 +14,8 @@ The pipeline, top to bottom, and the direction of every import (down only; tests
     layout            every path of a run directory, and the splits a run reads
     config, schemes, errors, files   the config tree, the MC scheme value, UserError, atomic writes
 
-Ray, DeepSpeed and MLflow's heavy imports come late, inside the function that needs them, each with a comment.
+Ray, DeepSpeed and MLflow's heavy imports come late, inside the function that needs them, each with a comment;
+the CLI imports a subcommand's module only once the config is valid (cli.stage), so a mistake shows at once.
 """
 import os
 

@@ -108,7 +108,9 @@ def run_cli_calls(calls: list[Call], root: Path, prepare, workers: int = 3) -> d
 def fork_calls(workers: int = 3) -> None:
     """Read jobs (JSON on stdin), the first a warm-up; run each other one as a forked child calling
     dd_dist.cli.main; print their exit codes."""
-    import dd_dist.cli  # noqa: F401  every stage's imports, paid once; no thread is running yet, so forking is safe
+    import dd_dist.cli  # noqa: F401  the stages' imports, paid once; no thread is running yet, so forking is safe
+    import dd_dist.labels.verify  # noqa: F401
+    import dd_dist.pipeline  # noqa: F401  (every stage)
     import ray.train.torch  # noqa: F401
 
     jobs, running, codes = json.load(sys.stdin), {}, {}

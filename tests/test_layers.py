@@ -2,6 +2,7 @@
 layers written in dd_dist/__init__.py, form no cycle, and sit at the top of their module; an import
 inside a function is only a late import of a heavy optional dependency, with a comment saying why."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,12 @@ def edges() -> dict[str, set[str]]:
                 if found is not None and found != module:
                     out.setdefault(module, set()).add(found)
     return out
+
+
+def test_the_cli_runs_modules_that_exist():
+    """cli.py imports a subcommand's module by name once the config is valid (cli.stage): those names too."""
+    named = re.findall(r"""stage\(["']([\w.]+)["']\)""", (PACKAGE / "cli.py").read_text())
+    assert len(named) == 7 and set(named) <= set(modules()), named
 
 
 def test_every_module_has_a_layer():
