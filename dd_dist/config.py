@@ -4,6 +4,8 @@ Validation errors become a one-line UserError naming the key and what is allowed
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,9 +29,35 @@ class DataConfig(Section):
     flip_p: float = Field(0.0, ge=0, le=1)  # horizontal flips (off for digits)
 
 
+BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv")  # dd_dist.core.models.ARCHS
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
+
+
 class ModelConfig(Section):
-    arch: Literal["mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv"] = "lenet"
+    # a built-in net, or `package.module:factory`: a function or class of your own that returns an nn.Module
+    # whose dropouts are nn.Dropout / nn.Dropout2d modules (it gets in_shape, num_classes, p, width where it
+    # names them, and model.kwargs)
+    arch: str = "lenet"
+    kwargs: dict[str, Any] = {}  # keyword arguments of a factory: plain values (they are stored in checkpoints)
     p: float = Field(0.5, ge=0, lt=1)  # dropout probability
+
+    @field_validator("arch")
+    @classmethod
+    def _built_in_or_factory(cls, arch: str) -> str:
+        if arch in BUILT_IN_ARCHS or FACTORY.fullmatch(arch):
+            return arch
+        raise ValueError(f"Input should be {', '.join(map(repr, BUILT_IN_ARCHS))} or package.module:factory")
+
+    @model_validator(mode="after")
+    def _kwargs_of_a_factory(self):
+        if self.kwargs and not FACTORY.fullmatch(self.arch):
+            raise ValueError(f"kwargs are for a factory (package.module:factory), not the built-in {self.arch}")
+        try:
+            json.dumps(self.kwargs, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError("kwargs must be plain values (numbers, strings, lists, mappings): they are stored "
+                             "in checkpoints that load with weights_only=True") from None
+        return self
 
 
 class TrainConfig(Section):

@@ -253,7 +253,7 @@ def test_a_bad_config_fails_in_one_line_before_anything_is_submitted(tmp_path):
     done = submit(nowhere, dict(os.environ), tmp_path, "model.bogus=1")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["submit: error: config: unknown key 'model.bogus' "
-                                                "(allowed here: arch, p)"]
+                                                "(allowed here: arch, kwargs, p)"]
     done = submit(nowhere, dict(os.environ), tmp_path, *TINY)
     assert done.returncode == 2 and done.stderr.strip().startswith(f"submit: error: no Ray job API at {nowhere}")
 

@@ -29,7 +29,7 @@ def test_overrides_are_typed_and_nested():
     ("model.p=1.0", ["model.p", "less than 1"]),
     ("model.p=-0.1", ["model.p", "greater than or equal to 0"]),
     ("label.k=0", ["label.k", "greater than or equal to 1"]),
-    ("model.pp=0.5", ["unknown key 'model.pp'", "arch, p"]),
+    ("model.pp=0.5", ["unknown key 'model.pp'", "arch, kwargs, p"]),
     ("bogus=1", ["unknown key 'bogus'"]),
     ("teacher.lr=fast", ["teacher.lr", "valid number"]),
     ("model.arch=vgg", ["model.arch", "'lenet'"]),

@@ -218,9 +218,9 @@ def test_naive_mc_loop_uses_torch_dropout_and_restores_eval_mode():
 
 
 def test_structural_errors():
-    nested = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2))).double()
-    with pytest.raises(ValueError, match="flat nn.Sequential"):
-        mc_probs(nested, X, IDS, 2, 0)
+    alpha = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.AlphaDropout(0.5), nn.Linear(3, 2))).double()
+    with pytest.raises(ValueError, match=r"cannot seed 1\.0 \(AlphaDropout\)"):
+        mc_probs(alpha, X, IDS, 2, 0)
     with pytest.raises(ValueError, match="row ids"):
         mc_probs(tiny_net(), X, IDS[:2], 2, 0)
     probs, err = mc_probs(tiny_net(), X[:0], IDS[:0], 4, 0, return_stderr=True)

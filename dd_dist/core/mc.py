@@ -7,6 +7,7 @@ come from generators seeded by (seed, row id, layer) and read sample after sampl
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -17,8 +18,18 @@ from torch import nn
 from dd_dist.core.data import row_rng_seed
 
 
-def dropout_layers(model: nn.Module) -> list[nn.Dropout]:
-    return [m for m in model.modules() if isinstance(m, nn.Dropout)]
+ELEMENTWISE, CHANNELWISE = (nn.Dropout,), (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # the dropouts MC can seed
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Module]:
+    """Every dropout module of the model, in the order of model.modules(): MC's layer index."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def is_flat(model: nn.Module) -> bool:
+    """A flat nn.Sequential whose dropouts are all top-level nn.Dropout: MC shares its prefix and may branch."""
+    return isinstance(model, nn.Sequential) and all(type(m) is nn.Dropout for m in dropout_layers(model)) and \
+        sum(type(m) is nn.Dropout for m in model) == len(dropout_layers(model))
 
 
 def standard_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +91,99 @@ def _below_p(byte: torch.Tensor, p: float, row_ids, stream: tuple, gen: torch.Ge
 
 
 def split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:
+    if not is_flat(model):
+        raise ValueError("this needs a flat nn.Sequential whose dropouts are top-level nn.Dropout modules")
     modules = list(model)
-    top = [m for m in modules if isinstance(m, nn.Dropout)]
-    nested = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    if len(nested) != len(top) or any(type(m) is not nn.Dropout for m in nested):
-        # a dropout this code cannot see would silently stay off (eval mode) and bias the MC estimate
-        raise ValueError("MC dropout needs a flat nn.Sequential whose dropouts are top-level nn.Dropout modules")
     first = next((i for i, m in enumerate(modules) if isinstance(m, nn.Dropout)), len(modules))
     return modules[:first], modules[first:]
+
+
+def check_dropouts(model: nn.Module) -> None:
+    """ValueError naming a dropout module MC cannot seed (a dropout of another kind than nn.Dropout and
+    nn.Dropout1d/2d/3d, e.g. AlphaDropout): in eval mode it would silently stay off and bias the estimate."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and not isinstance(module, ELEMENTWISE + CHANNELWISE):
+            raise ValueError(f"MC dropout cannot seed {name or 'the model'} ({type(module).__name__}): "
+                             f"use nn.Dropout or nn.Dropout2d")
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, hook):
+    """Forward hooks on every dropout module: hook(layer, module, input) -> output, layer = its index."""
+    handles = [m.register_forward_hook(lambda m, args, out, i=i: hook(i, m, args[0]))
+               for i, m in enumerate(dropout_layers(model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def masked_forward(model: nn.Module, x: torch.Tensor, masks, samples: int) -> torch.Tensor:
+    """Any model with inverted dropout: x's rows each repeated `samples` times, and every dropout module
+    (model in eval mode: the identity) replaced by its input times the keep-masks masks(layer, units, p)
+    (rows, samples, units) and 1 / (1 - p); units are the elements of a row for nn.Dropout and its
+    channels for nn.Dropout1d/2d/3d. A dropout module that runs twice in one forward is refused: its
+    two uses would share one mask."""
+    calls = set()
+
+    def mask(layer, module, h):
+        if layer in calls:
+            raise ValueError(f"a {type(module).__name__} module runs twice in one forward pass: give each use "
+                             f"its own module (MC draws one mask per module and row)")
+        calls.add(layer)
+        channels = isinstance(module, CHANNELWISE)
+        units = h.shape[1] if channels else h[0].numel()
+        keep = masks(layer, units, module.p).to(h.device)
+        shape = (len(h), units, *[1] * (h.dim() - 2)) if channels else h.shape
+        return h * keep.reshape(shape) * (1 / (1 - module.p) if module.p < 1 else 0.0)
+
+    with _hooked(model, mask):
+        return model(x.repeat_interleave(samples, dim=0))
+
+
+def widest_in_forward(model: nn.Module, x1: torch.Tensor) -> int:
+    """Largest per-sample output of any module of the model in a one-row forward pass (dropout off)."""
+    widest = [x1[0].numel()]
+
+    def record(module, args, out):
+        if isinstance(out, torch.Tensor):
+            widest.append(out[0].numel())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        model(x1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(widest)
+
+
+class MaskedModel:
+    """How MC runs a model under given masks. A flat nn.Sequential runs the modules before its first
+    dropout once per input (prefix sharing) and the rest on rows x samples (run_masked, which can also
+    branch: mask trees); any other nn.Module runs whole on rows x samples with its dropout modules'
+    outputs masked by forward hooks (masked_forward). Either way a row's masks come from keep_masks with
+    the dropout's index in model.modules(), so both give the same result on the same net."""
+
+    def __init__(self, model: nn.Module):
+        check_dropouts(model)
+        self.model, self.flat = model.eval(), is_flat(model)
+        self.prefix, self.rest = split_at_first_dropout(model) if self.flat else ([], [model])
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """What runs once per input: the flat net's prefix, else x itself."""
+        return nn.Sequential(*self.prefix)(x)
+
+    def run(self, h: torch.Tensor, masks, samples: int) -> torch.Tensor:
+        return run_masked(self.rest, h, masks, samples) if self.flat else masked_forward(self.model, h, masks, samples)
+
+    def widest(self, h1: torch.Tensor) -> int:
+        return widest_activation(self.rest, h1) if self.flat else widest_in_forward(self.model, h1)
+
+    def plain(self, h: torch.Tensor) -> torch.Tensor:
+        """The output without masks (eval mode), from what shared() gave."""
+        return nn.Sequential(*self.rest)(h)
 
 
 def run_masked(modules, h, masks, samples: int) -> torch.Tensor:
@@ -126,13 +222,14 @@ def widest_activation(modules, h1: torch.Tensor) -> int:
     return widest
 
 
-def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
+def mc_probs(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int,
              return_stderr: bool = False, max_elems: int = 2**22):
     """MC dropout: the mean over k masks of the softmax probabilities (never of the logits), (B, C).
 
     With return_stderr also each row's MC standard error: max over classes of std_k(prob) / sqrt(k)
-    (unbiased std; 0 when k == 1). The modules before the first dropout run once per input (prefix
-    sharing); the rest runs on rows x k samples at once, in chunks of rows with k * rows * (largest
+    (unbiased std; 0 when k == 1). Any nn.Module whose dropouts are nn.Dropout / nn.Dropout2d modules
+    (MaskedModel); in a flat nn.Sequential the modules before the first dropout run once per input (prefix
+    sharing). The rest runs on rows x k samples at once, in chunks of rows with k * rows * (largest
     activation) <= max_elems (at least one row), so tensors stay cache-sized and the allocator reuses
     them. A row's k samples always run together, so chunking does not change the result.
     """
@@ -142,18 +239,18 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
     ids = torch.as_tensor(row_ids).tolist()
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
-    prefix, rest = split_at_first_dropout(model)
+    net = MaskedModel(model)
     means, errors = [], []
     with torch.inference_mode():
-        h = nn.Sequential(*prefix)(x)
+        h = net.shared(x)
         if not ids:  # an empty batch: nothing to sample, but the caller still gets (0, C)
-            out = nn.Sequential(*rest)(h)
+            out = net.plain(h)
             return (out, out[:, 0]) if return_stderr else out
-        chunk = max(1, max_elems // (k * widest_activation(rest, h[:1])))
+        chunk = max(1, max_elems // (k * net.widest(h[:1])))
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
             masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed)  # noqa: E731
-            logits = run_masked(rest, h[start : start + chunk], masks, k)
+            logits = net.run(h[start : start + chunk], masks, k)
             probs = F.softmax(logits, dim=1).view(len(rows), k, -1)
             means.append(probs.mean(1))
             if return_stderr:
@@ -163,14 +260,15 @@ def mc_probs(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int,
     return (mean, torch.cat(errors)) if return_stderr else mean
 
 
-def mc_probs_naive(model: nn.Sequential, x: torch.Tensor, row_ids, k: int, seed: int) -> torch.Tensor:
-    """The same masks as mc_probs, but k full forward passes in a Python loop: the test reference."""
-    model.eval()
-    split_at_first_dropout(model)  # the same structural check
+def mc_probs_naive(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int) -> torch.Tensor:
+    """The same masks as mc_probs, but k full forward passes of the whole model in a Python loop, each
+    dropout masked by a hook (masked_forward): the test reference."""
+    MaskedModel(model)  # the same structural checks
     ids = torch.as_tensor(row_ids).tolist()
     draw = functools.cache(lambda layer, n, p: keep_masks(ids, layer, k, n, p, seed))
     with torch.inference_mode():
-        passes = [run_masked(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1) for j in range(k)]
+        passes = [masked_forward(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1)
+                  for j in range(k)]
         return sum(F.softmax(logits, dim=1) for logits in passes) / k
 
 
@@ -192,7 +290,7 @@ def soft_target_kl(student_logits: torch.Tensor, target_probs: torch.Tensor) -> 
     return (torch.xlogy(target_probs, target_probs) - target_probs * log_q).sum(1).mean()
 
 
-def online_targets(teacher: nn.Sequential, x: torch.Tensor, row_ids, seed: int, step: int) -> torch.Tensor:
+def online_targets(teacher: nn.Module, x: torch.Tensor, row_ids, seed: int, step: int) -> torch.Tensor:
     """Algorithm 2: the teacher's probabilities under ONE fresh mask per example and step."""
     # clone() outside inference mode: targets must be ordinary tensors to enter an autograd graph
     return mc_probs(teacher, x, row_ids, 1, row_rng_seed(seed, step)).clone()

@@ -55,19 +55,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.core.data import row_rng_seed
-from dd_dist.core.mc import keep_masks, mc_probs, run_masked, split_at_first_dropout, widest_activation
+from dd_dist.core.mc import MaskedModel, dropout_layers, keep_masks, mc_probs, run_masked
 from dd_dist.schemes import MCScheme
 
 AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate
 
 
-def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
+def passes_per_mask(model: nn.Module, scheme: MCScheme, in_shape) -> float:
     """The compute of one first-layer mask with its subtree, in full passes of the network after its first
     dropout (the part MC repeats; the prefix runs once per image), counted in multiply-adds of the Conv
     and Linear layers: 1 without a tree, so K masks cost K passes; with a fanout, each segment between
     two dropouts counts as often as it runs."""
-    prefix, rest = split_at_first_dropout(model)
-    sampler = _Sampler(rest, scheme, 0, 1)
+    sampler = _Sampler(MaskedModel(model), scheme, 0, 1)
+    if not sampler.net.flat:
+        return 1.0  # no mask tree outside a flat nn.Sequential: one mask is one pass
+    prefix, rest = sampler.net.prefix, sampler.net.rest
     cost, h = [], nn.Sequential(*prefix).eval()(torch.zeros(1, *in_shape))  # cost[l]: after the l-th dropout
     with torch.inference_mode():
         for module in rest:
@@ -83,13 +85,14 @@ def passes_per_mask(model: nn.Sequential, scheme: MCScheme, in_shape) -> float:
     return sum(n * c for n, c in zip(sampler.per_mask, cost)) / sum(cost) if sum(cost) else 1.0
 
 
-def check_model(model: nn.Sequential, scheme: MCScheme) -> None:
-    """ValueError when the scheme cannot run on the model (a nested dropout; the control variate without
-    an affine tail after the last dropout)."""
-    _Sampler(split_at_first_dropout(model)[1], scheme, 0, 1)
+def check_model(model: nn.Module, scheme: MCScheme) -> None:
+    """ValueError when the scheme cannot run on the model (a dropout MC cannot seed; a mask tree or the
+    control variate outside a flat nn.Sequential; the control variate without an affine tail after the
+    last dropout)."""
+    _Sampler(MaskedModel(model), scheme, 0, 1)
 
 
-def mc_label(model: nn.Sequential, x: torch.Tensor, row_ids, seed: int, scheme: MCScheme,
+def mc_label(model: nn.Module, x: torch.Tensor, row_ids, seed: int, scheme: MCScheme,
              max_elems: int = 2**22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probs (B, C), stderr (B,), k_used (B,) int64) of the scheme; the plain scheme is mc_probs exactly.
 
@@ -102,12 +105,11 @@ def mc_label(model: nn.Sequential, x: torch.Tensor, row_ids, seed: int, scheme: 
     ids = torch.as_tensor(row_ids).tolist()
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
-    prefix, rest = split_at_first_dropout(model)
-    sampler = _Sampler(rest, scheme, seed, max_elems)
+    sampler = _Sampler(MaskedModel(model), scheme, seed, max_elems)
     with torch.inference_mode():
-        h = nn.Sequential(*prefix)(x)
+        h = sampler.net.shared(x)
         if not ids:
-            out = nn.Sequential(*rest)(h)
+            out = sampler.net.plain(h)
             return out, out[:, 0], torch.zeros(0, dtype=torch.int64)
         sampler.size(h[:1])
         mean, var, units = (_adaptive if scheme.adaptive else _fixed)(sampler, h, ids, scheme)
@@ -122,9 +124,12 @@ class _Sampler:
     """Unit values y of rows, (rows, units, C) float64: the softmax f, minus the control variate g with
     the control variate, averaged over each antithetic pair with antithetic masks."""
 
-    def __init__(self, rest: list[nn.Module], scheme: MCScheme, seed: int, max_elems: int):
-        self.rest, self.scheme, self.seed, self.max_elems = rest, scheme, seed, max_elems
-        layers = sum(isinstance(m, nn.Dropout) for m in rest)
+    def __init__(self, net: MaskedModel, scheme: MCScheme, seed: int, max_elems: int):
+        self.net, self.scheme, self.seed, self.max_elems = net, scheme, seed, max_elems
+        rest, layers = net.rest, len(dropout_layers(net.model))
+        if not net.flat and (scheme.fanout or scheme.control_variate):
+            raise ValueError(f"{'a mask tree (fanout)' if scheme.fanout else 'the control variate'} needs a flat "
+                             f"nn.Sequential; this model is a {type(net.model).__name__}")
         if len(scheme.fanout) > max(layers - 1, 0):
             raise ValueError(f"fanout {list(scheme.fanout)} has {len(scheme.fanout)} entries but the model has "
                              f"{max(layers - 1, 0)} dropout layers after the first")
@@ -144,7 +149,7 @@ class _Sampler:
             self.last_layer = sum(isinstance(m, nn.Dropout) for m in self.body)
 
     def size(self, h1: torch.Tensor) -> None:
-        self.widest = widest_activation(self.rest, h1)
+        self.widest = self.net.widest(h1)
 
     def __call__(self, h: torch.Tensor, ids: list[int], stream: int, round_: int, units: int):
         k, unit, leaves = units * self.scheme.unit, self.scheme.unit, self.scheme.leaves
@@ -156,7 +161,7 @@ class _Sampler:
             masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
                                                    self.scheme.antithetic)
             if not self.scheme.control_variate:
-                y = F.softmax(run_masked(self.rest, h[start : start + chunk], masks, k), 1)
+                y = F.softmax(self.net.run(h[start : start + chunk], masks, k), 1)
             else:
                 pre = run_masked(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
                 if self.last_layer:  # the last layer's own branches of each sample above it

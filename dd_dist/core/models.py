@@ -1,14 +1,21 @@
 """Architectures of the paper (Caffe definitions) as nn.Sequential with real nn.Dropout modules,
 and checkpoints that load with weights_only=True.
 
-Every model is a flat nn.Sequential so MC code can split it at its first dropout layer.
+Every built-in model is a flat nn.Sequential, so MC code can split it at its first dropout layer and
+share the prefix. `package.module:factory` builds a net of the user's own (any nn.Module whose dropouts
+are nn.Dropout / nn.Dropout2d modules), checked by check_for_mc.
 """
 from __future__ import annotations
 
+import copy
+import importlib
+import inspect
 import io
 import math
+import os
 import pickle
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -16,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dd_dist.core.mc import dropout_layers, mc_probs
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: part of this module's API)
 
@@ -105,15 +113,25 @@ def allconv(in_shape, classes, p, width):
 ARCHS: dict[str, Callable] = {f.__name__: f for f in (mlp, lenet, lenet_all, cifar_quick, nin, allconv)}
 
 
-def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1.0) -> dict:
-    """The plain-data description stored in checkpoints: build_model(**spec) rebuilds the net."""
-    return {"arch": arch, "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
+def is_factory(arch: str) -> bool:
+    """`package.module:factory`: a net of the user's own, rather than a built-in name."""
+    return ":" in arch
+
+
+def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1.0, kwargs: dict | None = None) -> dict:
+    """The plain-data description stored in checkpoints: build_model(**spec) rebuilds the net. A factory's
+    spec also holds its kwargs (plain data, so the checkpoint still loads with weights_only=True)."""
+    spec = {"arch": arch, "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
             "p": float(p), "width": float(width)}
+    return {**spec, "kwargs": dict(kwargs or {})} if is_factory(arch) else spec
 
 
-def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: float = 1.0) -> nn.Sequential:
+def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: float = 1.0,
+                kwargs: dict | None = None) -> nn.Module:
+    if is_factory(arch):
+        return from_factory(arch, in_shape, num_classes, p, width, kwargs or {})
     if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHS)})")
+        raise UserError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHS)}, or package.module:factory)")
     if not width > 0:
         raise UserError(f"model width must be > 0 (got {width})")
     if not 0 <= p < 1:
@@ -127,6 +145,104 @@ def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: fl
     except RuntimeError:
         raise UserError(f"architecture {arch} cannot take inputs of shape {tuple(in_shape)}") from None
     return model
+
+
+def import_factory(arch: str) -> Callable:
+    module_name, _, name = arch.partition(":")
+    # As under `python -m`: a module in the working directory imports (the dd-dist script's own folder is
+    # the venv's bin); a local Ray's workers get it on PYTHONPATH (infra.cluster.ray_session).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any error in it is theirs to fix
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise UserError(f"model.arch {arch}: cannot import {module_name} ({type(e).__name__}: {reason})") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UserError(f"model.arch {arch}: {module_name} has no function or class {name}")
+    return factory
+
+
+def from_factory(arch: str, in_shape, num_classes: int, p: float, width: float, kwargs: dict) -> nn.Module:
+    """The user's net: factory(**kwargs) plus whichever of in_shape, num_classes, p and width its signature
+    names, checked so that MC dropout is right on it (see check_for_mc)."""
+    factory = import_factory(arch)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: only the kwargs
+        params = {}
+    any_keyword = any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values())
+    given = {"in_shape": tuple(in_shape), "num_classes": num_classes, "p": p, "width": width}
+    args = {k: v for k, v in given.items() if k in params or any_keyword}
+    if set(kwargs) & set(given):
+        raise UserError(f"model.kwargs cannot set {', '.join(sorted(set(kwargs) & set(given)))}: dd-dist passes them "
+                        f"(from the data, model.p and distill.width)")
+    if width != 1 and "width" not in args:
+        raise UserError(f"a student of width {width} needs a factory that takes `width`; {arch} does not")
+    try:
+        model = factory(**args, **kwargs)
+    except TypeError as e:
+        called = ", ".join(sorted({**args, **kwargs}))
+        raise UserError(f"model.arch {arch}: calling it with {called} failed: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.arch {arch} returned a {type(model).__name__}, not an nn.Module")
+    check_for_mc(model, arch, in_shape, num_classes)
+    return model
+
+
+def check_for_mc(model: nn.Module, arch: str, in_shape, num_classes: int) -> None:
+    """Refuse, in one line, a user's net on which MC dropout would be wrong: no dropout module, a dropout MC
+    cannot seed or one that runs twice in a forward pass, other randomness in the forward (F.dropout),
+    or inputs / outputs of the wrong shape."""
+    if not dropout_layers(model):
+        raise UserError(f"model.arch {arch}: {type(model).__name__} has no nn.Dropout or nn.Dropout2d module, "
+                        f"so MC dropout has nothing to average")
+    x = torch.rand(2, *in_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+        mc_probs(model, x, [0, 1], 1, 0)
+    except ValueError as e:  # MC's own structural refusals
+        raise UserError(f"model.arch {arch}: {e}") from None
+    except RuntimeError as e:
+        raise UserError(f"model.arch {arch} cannot take inputs of shape {tuple(in_shape)} "
+                        f"({str(e).strip().splitlines()[0][:120]})") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(f"model.arch {arch} gives outputs of shape {tuple(out.shape)} for 2 images, "
+                        f"not (2, {num_classes}): one logit per class")
+    culprit = _random_outside_dropout(model, x)
+    if culprit:
+        raise UserError(f"model.arch {arch}: {culprit} is random in its forward pass outside its nn.Dropout modules "
+                        f"(F.dropout?): MC dropout can only seed nn.Dropout / nn.Dropout2d modules")
+
+
+def _random_outside_dropout(model: nn.Module, x: torch.Tensor) -> str | None:
+    """The first module, in call order, whose output differs between two train-mode passes over the same
+    input with every dropout module off and different torch seeds; None when there is none. Runs on a copy
+    (batch norm would update its statistics)."""
+    probe = copy.deepcopy(model).train()
+    for module in dropout_layers(probe):
+        module.eval()
+    runs = []
+    for seed in (1, 2):
+        calls = []
+        record = lambda m, args, out, name: calls.append((name or type(m).__name__, m, args, out))  # noqa: E731
+        handles = [m.register_forward_hook(lambda m, args, out, name=name: record(m, args, out, name))
+                   for name, m in probe.named_modules()]
+        try:
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(seed)
+                probe(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        runs.append(calls)
+    for (name, module, args_a, out_a), (_, _, args_b, out_b) in zip(*runs):
+        same_in = all(not isinstance(a, torch.Tensor) or torch.equal(a, b) for a, b in zip(args_a, args_b))
+        if same_in and isinstance(out_a, torch.Tensor) and not torch.equal(out_a, out_b):
+            return f"{name} ({type(module).__name__})"
+    return None
 
 
 def save_model(path, model: nn.Module, spec: dict, extra: dict | None = None) -> None:
@@ -159,7 +275,7 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_model(path) -> tuple[nn.Sequential, dict]:
+def load_model(path) -> tuple[nn.Module, dict]:
     ckpt = read_checkpoint(path)
     spec = ckpt["spec"]
     try:

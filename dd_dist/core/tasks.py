@@ -42,7 +42,7 @@ class Setup:
 
 
 def build_for(cfg: Config, split: Split, width: float = 1.0) -> tuple[nn.Module, dict]:
-    spec = model_spec(cfg.model.arch, split.in_shape, split.num_classes, cfg.model.p, width)
+    spec = model_spec(cfg.model.arch, split.in_shape, split.num_classes, cfg.model.p, width, cfg.model.kwargs)
     return build_model(**spec), spec
 
 

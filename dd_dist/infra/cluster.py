@@ -55,7 +55,9 @@ def ray_session(cfg: ClusterConfig):
     else:
         # A local Ray: loopback only, no dashboard needed for a single run. More logical CPUs than
         # cores, so that Ray Data's read tasks still run beside the training workers and label actors.
-        env = {**LOCAL_ENV, **({} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"})}
+        env = {**LOCAL_ENV, **({} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}),
+               # the working directory, where a model factory of the user's may live (model.arch=pkg.mod:fn)
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
         ray.init(num_cpus=cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from dd_dist.config import Config
 from dd_dist.core.data import Split, run_split
-from dd_dist.core.models import check_fits, read_checkpoint
-from dd_dist.core.tasks import StudentTask, Task
+from dd_dist.core.models import check_fits, is_factory, read_checkpoint
+from dd_dist.core.tasks import StudentTask, Task, build_for
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
 from dd_dist.infra.cluster import ray_session
@@ -71,6 +71,8 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     if opt.optimizer == "deepspeed" and "optimizer" not in ds_config:
         raise UserError(f"optimizer=deepspeed needs an 'optimizer' block in {cfg.cluster.deepspeed}")
     split = run_split(cfg, "train")
+    if is_factory(cfg.model.arch):  # the user's net: its mistakes in one line here, not in every worker
+        build_for(cfg, split, cfg.distill.width if task is StudentTask else 1.0)
     labels, label_seed = None, cfg.seed
     if task is StudentTask:
         check_teacher(cfg, split)

@@ -1,0 +1,1 @@
+"""Nets of your own for dd-dist: `model.arch=examples.nets:small_cnn` (see README, "Bring your own model")."""
