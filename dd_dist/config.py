@@ -44,20 +44,29 @@ class ModelConfig(Section):
     @field_validator("arch")
     @classmethod
     def _built_in_or_factory(cls, arch: str) -> str:
-        if arch in BUILT_IN_ARCHS or FACTORY.fullmatch(arch):
-            return arch
-        raise ValueError(f"Input should be {', '.join(map(repr, BUILT_IN_ARCHS))} or package.module:factory")
+        return known_arch(arch)
 
     @model_validator(mode="after")
     def _kwargs_of_a_factory(self):
-        if self.kwargs and not FACTORY.fullmatch(self.arch):
-            raise ValueError(f"kwargs are for a factory (package.module:factory), not the built-in {self.arch}")
-        try:
-            json.dumps(self.kwargs, allow_nan=False)
-        except (TypeError, ValueError):
-            raise ValueError("kwargs must be plain values (numbers, strings, lists, mappings): they are stored "
-                             "in checkpoints that load with weights_only=True") from None
+        check_kwargs(self.arch, self.kwargs)
         return self
+
+
+def known_arch(arch: str | None) -> str | None:
+    if arch is None or arch in BUILT_IN_ARCHS or FACTORY.fullmatch(arch):
+        return arch
+    raise ValueError(f"Input should be {', '.join(map(repr, BUILT_IN_ARCHS))} or package.module:factory")
+
+
+def check_kwargs(arch: str | None, kwargs: dict) -> None:
+    """A factory's kwargs: plain values, and only for a factory."""
+    if kwargs and not (arch and FACTORY.fullmatch(arch)):
+        raise ValueError(f"kwargs are for a factory (package.module:factory), not {arch or 'an unset arch'}")
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError("kwargs must be plain values (numbers, strings, lists, mappings): they are stored "
+                         "in checkpoints that load with weights_only=True") from None
 
 
 class TrainConfig(Section):
@@ -85,6 +94,19 @@ class DistillConfig(TrainConfig):
     width: float = Field(1.0, gt=0, le=1)  # < 1: a smaller student
     # false: the student learns as the deterministic net it is at test time (the paper's q); true: with dropout on
     dropout: bool = False
+    # a student of another family: a built-in name or package.module:factory (unset: model.arch), with its kwargs
+    arch: str | None = None
+    kwargs: dict[str, Any] = {}
+
+    @field_validator("arch")
+    @classmethod
+    def _built_in_or_factory(cls, arch: str | None) -> str | None:
+        return known_arch(arch)
+
+    @model_validator(mode="after")
+    def _kwargs_of_a_factory(self):
+        check_kwargs(self.arch, self.kwargs)
+        return self
 
 
 class LabelConfig(Section):

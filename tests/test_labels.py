@@ -218,6 +218,17 @@ def test_rebuild_topk_spreads_the_rest_evenly():
     assert np.allclose(full, [[0.2, 0.1, 0.6, 0.1]])
 
 
+def test_more_actors_than_a_local_ray_holds_fail_at_once_and_leave_nothing(ray_cluster, teacher_dir, tmp_path):
+    """The module's local Ray has 4 CPUs: 64 actors of 0.5 CPU could never start; no 600 s wait for them."""
+    cfg = config(tmp_path / "run", teacher_dir, "label.actors=64")
+    began = time.monotonic()
+    with pytest.raises(UserError, match=r"label.actors=64 need 32 CPUs, but this local Ray has 4 CPUs and 0 GPUs "
+                                        r"and cannot grow") as error:
+        run_label(cfg)
+    assert time.monotonic() - began < 30 and "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "labels").exists()
+
+
 def test_bad_config_or_missing_teacher_is_one_line_and_leaves_nothing(tmp_path, teacher_dir):
     for args, words in [([f"run_dir={tmp_path / 'run'}"], "checkpoint not found"),
                         (["label.k=0", f"run_dir={tmp_path / 'run'}"], "'label.k'")]:

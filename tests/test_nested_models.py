@@ -16,7 +16,7 @@ from dd_dist.core.data import run_split
 from dd_dist.core.loop import train_student, train_teacher
 from dd_dist.core.mc import dropout_layers, mc_probs, mc_probs_naive, standard_probs
 from dd_dist.core.mc_schemes import mc_label
-from dd_dist.core.models import build_model, load_model
+from dd_dist.core.models import build_model, check_for_mc, load_model, model_spec
 from dd_dist.errors import UserError
 from dd_dist.labels.actors import label_rows
 from dd_dist.schemes import MCScheme
@@ -134,6 +134,12 @@ def test_a_factory_net_trains_labels_distils_and_reloads_weights_only(tmp_path):
     # a half-width student of the user's factory (it takes `width`), initialised from the teacher where shapes match
     student = load_model(train_student(load_config(None, [*factory_args(cfg), "distill.width=0.5"])))[0]
     assert student.inp.out_features == 12
+    # a student of another family, here one without dropout (a student needs none)
+    other = load_config(None, [*factory_args(cfg), "distill.arch=nested_nets:no_dropout", "distill.lr=0.2",
+                               "distill.epochs=6", "distill.lr_steps=[5]"])
+    student, spec = load_model(train_student(other))
+    assert isinstance(student, nn.Sequential) and spec["arch"] == "nested_nets:no_dropout"
+    assert (standard_probs(student, x).argmax(1) == y).float().mean() > 0.5
 
 
 def factory_args(cfg):
@@ -151,13 +157,15 @@ def factory_args(cfg):
 ])
 def test_a_factory_mc_cannot_be_right_on_is_refused_in_one_line(arch, words):
     with pytest.raises(UserError, match=words) as error:
-        build_model(arch, (1, 8, 8), 4)
+        check_for_mc(build_model(arch, (1, 8, 8), 4), model_spec(arch, (1, 8, 8), 4, 0.5))
     assert "\n" not in str(error.value) and arch in str(error.value)
 
 
 @pytest.mark.parametrize("overrides, words", [
     (["model.arch=resnet"], "or package.module:factory"),
     (["model.kwargs={units: 3}"], "kwargs are for a factory"),
+    (["distill.kwargs={units: 3}"], "kwargs are for a factory"),
+    (["distill.arch=vgg"], "'distill.arch': Input should be 'mlp'"),
     (["model.arch=nested_nets:residual_mlp", "model.kwargs={p: 0.1}"], None),
 ])
 def test_factory_settings_are_checked(tmp_path, overrides, words):
@@ -165,7 +173,7 @@ def test_factory_settings_are_checked(tmp_path, overrides, words):
         with pytest.raises(UserError, match=words):
             load_config(None, overrides)
         return
-    with pytest.raises(UserError, match="model.kwargs cannot set p: dd-dist passes them"):
+    with pytest.raises(UserError, match="kwargs cannot set p: dd-dist passes them"):
         train_teacher(factory_config(tmp_path, *overrides))
 
 

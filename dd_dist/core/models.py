@@ -157,16 +157,16 @@ def import_factory(arch: str) -> Callable:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module: any error in it is theirs to fix
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise UserError(f"model.arch {arch}: cannot import {module_name} ({type(e).__name__}: {reason})") from None
+        raise UserError(f"model {arch}: cannot import {module_name} ({type(e).__name__}: {reason})") from None
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise UserError(f"model.arch {arch}: {module_name} has no function or class {name}")
+        raise UserError(f"model {arch}: {module_name} has no function or class {name}")
     return factory
 
 
 def from_factory(arch: str, in_shape, num_classes: int, p: float, width: float, kwargs: dict) -> nn.Module:
     """The user's net: factory(**kwargs) plus whichever of in_shape, num_classes, p and width its signature
-    names, checked so that MC dropout is right on it (see check_for_mc)."""
+    names; refused in one line where it fails to build, or takes or gives tensors of the wrong shape."""
     factory = import_factory(arch)
     try:
         params = inspect.signature(factory).parameters
@@ -176,7 +176,7 @@ def from_factory(arch: str, in_shape, num_classes: int, p: float, width: float, 
     given = {"in_shape": tuple(in_shape), "num_classes": num_classes, "p": p, "width": width}
     args = {k: v for k, v in given.items() if k in params or any_keyword}
     if set(kwargs) & set(given):
-        raise UserError(f"model.kwargs cannot set {', '.join(sorted(set(kwargs) & set(given)))}: dd-dist passes them "
+        raise UserError(f"kwargs cannot set {', '.join(sorted(set(kwargs) & set(given)))}: dd-dist passes them "
                         f"(from the data, model.p and distill.width)")
     if width != 1 and "width" not in args:
         raise UserError(f"a student of width {width} needs a factory that takes `width`; {arch} does not")
@@ -184,36 +184,43 @@ def from_factory(arch: str, in_shape, num_classes: int, p: float, width: float, 
         model = factory(**args, **kwargs)
     except TypeError as e:
         called = ", ".join(sorted({**args, **kwargs}))
-        raise UserError(f"model.arch {arch}: calling it with {called} failed: {e}") from None
+        raise UserError(f"model {arch}: calling it with {called} failed: {e}") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"model.arch {arch} returned a {type(model).__name__}, not an nn.Module")
-    check_for_mc(model, arch, in_shape, num_classes)
+        raise UserError(f"model {arch} returned a {type(model).__name__}, not an nn.Module")
+    try:
+        with torch.no_grad():
+            out = model.eval()(_probe_input(in_shape))
+    except RuntimeError as e:
+        raise UserError(f"model {arch} cannot take inputs of shape {tuple(in_shape)} "
+                        f"({str(e).strip().splitlines()[0][:120]})") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(f"model {arch} gives outputs of shape {tuple(out.shape)} for 2 images, "
+                        f"not (2, {num_classes}): one logit per class")
     return model
 
 
-def check_for_mc(model: nn.Module, arch: str, in_shape, num_classes: int) -> None:
-    """Refuse, in one line, a user's net on which MC dropout would be wrong: no dropout module, a dropout MC
-    cannot seed or one that runs twice in a forward pass, other randomness in the forward (F.dropout),
-    or inputs / outputs of the wrong shape."""
+def _probe_input(in_shape) -> torch.Tensor:
+    return torch.rand(2, *in_shape, generator=torch.Generator().manual_seed(0))
+
+
+def check_for_mc(model: nn.Module, spec: dict) -> None:
+    """Refuse, in one line, a teacher of the user's (spec of a factory) on which MC dropout would be wrong: no
+    dropout module, a dropout MC cannot seed or one that runs twice in a forward pass, or other randomness
+    in the forward pass (F.dropout). The built-in nets are right by construction."""
+    arch = spec["arch"]
+    if not is_factory(arch):
+        return
     if not dropout_layers(model):
-        raise UserError(f"model.arch {arch}: {type(model).__name__} has no nn.Dropout or nn.Dropout2d module, "
+        raise UserError(f"model {arch}: {type(model).__name__} has no nn.Dropout or nn.Dropout2d module, "
                         f"so MC dropout has nothing to average")
-    x = torch.rand(2, *in_shape, generator=torch.Generator().manual_seed(0))
+    x = _probe_input(spec["in_shape"])
     try:
-        with torch.no_grad():
-            out = model.eval()(x)
         mc_probs(model, x, [0, 1], 1, 0)
     except ValueError as e:  # MC's own structural refusals
-        raise UserError(f"model.arch {arch}: {e}") from None
-    except RuntimeError as e:
-        raise UserError(f"model.arch {arch} cannot take inputs of shape {tuple(in_shape)} "
-                        f"({str(e).strip().splitlines()[0][:120]})") from None
-    if tuple(out.shape) != (2, num_classes):
-        raise UserError(f"model.arch {arch} gives outputs of shape {tuple(out.shape)} for 2 images, "
-                        f"not (2, {num_classes}): one logit per class")
+        raise UserError(f"model {arch}: {e}") from None
     culprit = _random_outside_dropout(model, x)
     if culprit:
-        raise UserError(f"model.arch {arch}: {culprit} is random in its forward pass outside its nn.Dropout modules "
+        raise UserError(f"model {arch}: {culprit} is random in its forward pass outside its nn.Dropout modules "
                         f"(F.dropout?): MC dropout can only seed nn.Dropout / nn.Dropout2d modules")
 
 

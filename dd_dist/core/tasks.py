@@ -23,7 +23,7 @@ from torch import nn
 from dd_dist.config import Config, DistillConfig, TrainConfig
 from dd_dist.core.data import Split, augment
 from dd_dist.core.mc import dropout_layers, online_targets, soft_target_kl
-from dd_dist.core.models import build_model, init_student_from_teacher, load_model, model_spec
+from dd_dist.core.models import build_model, check_for_mc, init_student_from_teacher, load_model, model_spec
 from dd_dist.layout import RunDir
 
 BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -42,7 +42,25 @@ class Setup:
 
 
 def build_for(cfg: Config, split: Split, width: float = 1.0) -> tuple[nn.Module, dict]:
+    """model.arch (with its kwargs) for the split's images and classes, at `width`."""
     spec = model_spec(cfg.model.arch, split.in_shape, split.num_classes, cfg.model.p, width, cfg.model.kwargs)
+    return build_model(**spec), spec
+
+
+def build_teacher(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
+    """The teacher: model.arch, checked for MC dropout where it is a net of the user's."""
+    model, spec = build_for(cfg, split)
+    check_for_mc(model, spec)
+    return model, spec
+
+
+def build_student(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
+    """The student: distill.arch with distill.kwargs where set (a net of another family), else model.arch;
+    at distill.width either way."""
+    d = cfg.distill
+    if d.arch is None:
+        return build_for(cfg, split, d.width)
+    spec = model_spec(d.arch, split.in_shape, split.num_classes, cfg.model.p, d.width, d.kwargs)
     return build_model(**spec), spec
 
 
@@ -89,7 +107,7 @@ class TeacherTask:
     @staticmethod
     def setup(cfg: Config, split: Split, labels: SoftLabels | None = None, label_seed: int | None = None) -> Setup:
         torch.manual_seed(cfg.seed)
-        model, spec = build_for(cfg, split)
+        model, spec = build_teacher(cfg, split)
         return Setup(model, spec, teacher_batches(split), np.arange(len(split)), split.fingerprint)
 
 
@@ -123,7 +141,7 @@ class StudentTask:
         online (distill.mode=online) needs none."""
         torch.manual_seed(cfg.seed)
         teacher, _ = load_model(RunDir(cfg).teacher)
-        model, spec = build_for(cfg, split, cfg.distill.width)
+        model, spec = build_student(cfg, split)
         if cfg.distill.init == "teacher":
             init_student_from_teacher(model, teacher)
         zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p

@@ -66,6 +66,23 @@ def ray_session(cfg: ClusterConfig):
         ray.shutdown()
 
 
+def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpu: bool) -> None:
+    """Refuse at once, in one line, `count` actors or workers of `cpus` CPUs (and a GPU each) that this Ray
+    can never hold, where it cannot grow: a local one (no cluster.address / RAY_ADDRESS). Call it with Ray
+    initialised. On an existing cluster the autoscaler may add nodes: there the wait goes on."""
+    import ray  # heavy: called inside ray_session only
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    need = {"CPU": count * cpus, "GPU": count * gpu}
+    if any(need[kind] > have.get(kind, 0) + 1e-9 for kind in need):
+        asked = " and ".join(f"{need[kind]:g} {kind}s" for kind in need if need[kind])
+        raise UserError(f"{what}={count} need {asked}, but this local Ray has {have.get('CPU', 0):g} CPUs and "
+                        f"{have.get('GPU', 0):g} GPUs and cannot grow: ask for fewer, or connect to a cluster "
+                        f"(cluster.address)")
+
+
 def check_shared_storage(cfg: Config) -> int:
     """Refuse, in one line, a multi-node Ray cluster on which some node cannot see run_dir (the teacher,
     the label shards and the exported models live there) or the local folder of its checkpoints.

@@ -6,6 +6,7 @@ the manifest is written last, so a directory with a manifest is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
@@ -20,6 +21,7 @@ from dd_dist.core.mc_schemes import check_model
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256, write_json
+from dd_dist.infra.cluster import check_resources, ray_session
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.actors import label_shards
 from dd_dist.labels.format import FORMAT, MANIFEST, PENDING, SHARDS, read_manifest, shard_name, write_manifest
@@ -107,19 +109,22 @@ def run_label(cfg: Config) -> Path:
     if _check_resume(out, settings):
         print(f"labels in {out} are complete and match the config: nothing to do")
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / PENDING, settings)
-    for stale in out.glob(f"{SHARDS}/.part-*.tmp"):  # temp files of a killed run
-        stale.unlink()
-
     rows_per_shard, n = cfg.label.rows_per_shard, len(split)
     n_shards = -(-n // rows_per_shard)
     done = finished_shards(out, n_shards, rows_per_shard, n)
     todo = [s for s in range(n_shards) if s not in done]
-    print(f"labelling {n} rows of {split.name} with {cfg.label.scheme().describe()}: {len(todo)} of {n_shards} "
-          f"shards to do ({len(done)} kept from an earlier run), {cfg.label.actors} actors")
-    if todo:
-        label_shards(cfg, todo, n, teacher_file, out)
+    with ray_session(cfg.cluster) if todo else contextlib.nullcontext():
+        if todo:  # before anything is written: an actor pool this Ray can never hold fails at once
+            lab = cfg.label
+            check_resources(cfg.cluster, "label.actors", lab.actors, lab.cpus_per_actor, cfg.cluster.use_gpu)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PENDING, settings)
+        for stale in out.glob(f"{SHARDS}/.part-*.tmp"):  # temp files of a killed run
+            stale.unlink()
+        print(f"labelling {n} rows of {split.name} with {cfg.label.scheme().describe()}: {len(todo)} of {n_shards} "
+              f"shards to do ({len(done)} kept from an earlier run), {cfg.label.actors} actors")
+        if todo:
+            label_shards(cfg, todo, n, teacher_file, out)
     shards = [{"file": shard_name(s), "rows": min(rows_per_shard, n - s * rows_per_shard),
                "first_id": s * rows_per_shard, "sha256": file_sha256(out / shard_name(s))} for s in range(n_shards)]
     write_manifest(out, {**settings, "shards": shards, "version": dd_dist.__version__,

@@ -16,10 +16,10 @@ from pathlib import Path
 from dd_dist.config import Config
 from dd_dist.core.data import Split, run_split
 from dd_dist.core.models import check_fits, is_factory, read_checkpoint
-from dd_dist.core.tasks import StudentTask, Task, build_for
+from dd_dist.core.tasks import StudentTask, Task, build_student, build_teacher
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
-from dd_dist.infra.cluster import ray_session
+from dd_dist.infra.cluster import check_resources, ray_session
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.format import SHARDS, check_labels_match, check_shards, read_manifest
 from dd_dist.layout import HISTORY, MODEL, RunDir
@@ -71,8 +71,8 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     if opt.optimizer == "deepspeed" and "optimizer" not in ds_config:
         raise UserError(f"optimizer=deepspeed needs an 'optimizer' block in {cfg.cluster.deepspeed}")
     split = run_split(cfg, "train")
-    if is_factory(cfg.model.arch):  # the user's net: its mistakes in one line here, not in every worker
-        build_for(cfg, split, cfg.distill.width if task is StudentTask else 1.0)
+    if is_factory(cfg.model.arch) or cfg.distill.arch:  # a user's net: fails here, not in each worker
+        (build_student if task is StudentTask else build_teacher)(cfg, split)
     labels, label_seed = None, cfg.seed
     if task is StudentTask:
         check_teacher(cfg, split)
@@ -85,6 +85,7 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     # whatever its settings were. Restarts inside this run resume from its own checkpoints.
     name = f"{run.root.name}-{task.role}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     with ray_session(cfg.cluster):
+        check_resources(cfg.cluster, "cluster.num_workers", workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu)
         # Read once here into the object store: each worker then iterates the blocks instead of running
         # its own read of every shard (two readers on 2 cores tripled a short student's start-up).
         datasets = {"labels": ray.data.read_parquet(str(labels / SHARDS)).materialize()} if labels else None
