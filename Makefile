@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	# DeepSpeed compiles its CPU communication op on first use (about a minute on 2 cores): once here instead.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; \
 		a().create_op_builder('ShareMemCommBuilder').load()"
+	# The browser test's Chromium, from Debian where it is missing; without it that test skips and says why.
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && \
+		apt-get install -y -q chromium >/dev/null)) || echo "setup: could not install chromium; the browser test will skip"
 	touch $(STAMP)
 
 demo: setup

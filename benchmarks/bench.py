@@ -76,7 +76,7 @@ def inference(config: Path, repeats: int) -> dict:
             shutil.copyfile(RunDir(source).model(role), RunDir(cfg).model(role))
         methods = evaluate(cfg)["methods"]
         naive_ms = naive_latency_ms(cfg)
-    mc, student = methods[f"mc{MC_K}"], methods["distilled"]
+    mc, student = methods[f"mc-{MC_K}"], methods["distilled"]
     return {"run_dir": os.path.relpath(source.run_dir, REPO), "arch": cfg.model.arch, "dataset": cfg.data.name, "repeats": repeats,
             "mc": {"error": mc["error_mean"], "error_std": mc["error_std"], "latency_ms": mc["latency_ms_mean"]},
             "distilled": {"error": student["error"], "latency_ms": student["latency_ms"]},

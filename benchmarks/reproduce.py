@@ -77,11 +77,11 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
     if kept:
         seconds = {"teacher_seconds": kept, **seconds}
     results = json.loads(RunDir(cfg).results.read_text())["methods"]
-    k = max(int(m[2:]) for m in results if m.startswith("mc"))
+    k = max(int(m[3:]) for m in results if m.startswith("mc-"))
     return {"row": row, "seed": seed, "errors": {"standard": results["standard"]["error"],
-                                                 f"mc{k}": results[f"mc{k}"]["error_mean"],
+                                                 f"mc{k}": results[f"mc-{k}"]["error_mean"],
                                                  "distilled": results["distilled"]["error"]},
-            "mc_k": k, "mc_repeats": results[f"mc{k}"]["repeats"], "seconds": seconds,
+            "mc_k": k, "mc_repeats": results[f"mc-{k}"]["repeats"], "seconds": seconds,
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
             "labels_resumed": resumed,

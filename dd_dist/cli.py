@@ -44,13 +44,13 @@ def cmd_evaluate(cfg: Config, args) -> None:
 
 
 def cmd_compare(cfg: Config, args) -> None:
-    print(stage("stages.compare").compare(cfg, args.experiment, args.out))
+    print(stage("stages.compare").compare(cfg, args.experiment, args.out, args.filter))
 
 
 def cmd_pipeline(cfg: Config, args) -> None:
     stage("pipeline").run_pipeline(cfg)
     if args.command == "demo":
-        print("\nSee every run in the MLflow UI:  make mlflow-ui   (then open http://127.0.0.1:5000)")
+        print("\nServe that UI over the demo's store:  make mlflow-ui")
 
 
 COMMANDS = {
@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "compare":
             sub.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
             sub.add_argument("--out", help="folder for compare.md and the plots (default: run_dir/compare)")
+            sub.add_argument("--filter", help="MLflow search filter over the evaluate runs, e.g. "
+                             "'params.`model.p` = \"0.3\"' (default: the newest per dataset and arch)")
         sub.add_argument("overrides", nargs="*", metavar="section.key=value")
     return top
 

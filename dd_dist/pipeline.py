@@ -29,4 +29,7 @@ def run_pipeline(cfg: Config, reuse: tuple[str, ...] = ()) -> dict:
     print("\n" + compare.compare(cfg))
     print(f"pipeline finished in {time.perf_counter() - began:.0f} s: " +
           ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in seconds.items()))
+    page = tracker.runs_page()
+    if page:
+        print(f"its runs in the MLflow UI: {page}")
     return seconds

@@ -8,4 +8,6 @@ PORT="${PORT:-5000}"
 MLFLOW="${MLFLOW:-$(dirname "$0")/../.venv/bin/mlflow}"
 export MLFLOW_DISABLE_TELEMETRY=true
 echo "MLflow UI: http://$HOST:$PORT  (store $STORE; Ctrl-C stops it)"
+# MLflow 3.17 opens an experiment in its GenAI view until the browser has chosen otherwise once.
+echo "  pick 'Model training' at its top left once (the browser keeps it), or open the link the pipeline printed"
 exec "$MLFLOW" ui --backend-store-uri "$STORE" --host "$HOST" --port "$PORT"

@@ -108,7 +108,7 @@ def test_submitted_pipeline_succeeds_on_the_local_cluster_and_logs_to_mlflow(clu
 
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert results["dataset"] == "synthetic" and results["test_images"] == 256
-    assert set(results["methods"]) == {"standard", "mc1", "mc4", "distilled"}
+    assert set(results["methods"]) == {"standard", "mc-1", "mc-4", "distilled"}
     assert all(0 <= m.get("error", m.get("error_mean")) < 1 for m in results["methods"].values())
 
     # The job wrote to the store named in its runtime env: one pipeline run, a child run per stage,

@@ -1,6 +1,8 @@
 """`evaluate` on tiny synthetic models: every method and K, numbers that agree with the method, MLflow."""
 import json
 import shutil
+import socket
+import time
 
 import mlflow
 import pytest
@@ -15,7 +17,7 @@ from dd_dist.core.models import build_model, load_model, model_spec, save_model
 from dd_dist.errors import UserError
 from dd_dist.layout import RunDir
 from dd_dist.stages.compare import compare
-from dd_dist.stages.evaluate import EVAL_SEED_SALT, evaluate
+from dd_dist.stages.evaluate import EVAL_SEED_SALT, METHOD_METRICS, evaluate
 from dd_dist.core.loop import train_student, train_teacher
 
 KS = [1, 2, 50]
@@ -44,12 +46,12 @@ def test_results_hold_every_method_and_k(trained):
     cfg, results = trained
     on_disk = json.loads(RunDir(cfg).results.read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert list(results["methods"]) == ["standard", "mc1", "mc2", "mc50", "distilled"]
+    assert list(results["methods"]) == ["standard", "mc-1", "mc-2", "mc-50", "distilled"]
     assert on_disk["test_images"] == 256 and on_disk["notes"] == []
     for name, m in on_disk["methods"].items():
         reliability = m["reliability"]
         assert len(reliability["count"]) == 15 and sum(reliability["count"]) == 256
-        assert m["forward_passes"] == (int(name[2:]) if name.startswith("mc") else 1)
+        assert m["forward_passes"] == (int(name[3:]) if name.startswith("mc-") else 1)
         suffix = "_mean" if name.startswith("mc") else ""
         assert 0 <= m[f"error{suffix}"] <= 1 and m[f"nll{suffix}"] > 0 and m[f"latency_ms{suffix}"] > 0
         if not suffix:  # MC reports the mean over seeds of each, which are not reciprocal
@@ -67,7 +69,7 @@ def test_standard_and_distilled_are_the_weight_scaled_models(trained):
 
 def test_mc_numbers_follow_the_method(trained):
     cfg, results = trained
-    mc1, mc50 = results["methods"]["mc1"], results["methods"]["mc50"]
+    mc1, mc50 = results["methods"]["mc-1"], results["methods"]["mc-50"]
     # Each seed's number is that seed's MC prediction, reproducible from (seed, repeat).
     split = run_split(cfg, "test")
     x, y, ids = torch.from_numpy(split.x), torch.from_numpy(split.y), torch.arange(len(split))
@@ -79,7 +81,7 @@ def test_mc_numbers_follow_the_method(trained):
     assert mc1["error_std"] > 0 and mc1["nll_std"] > 0
     assert mc50["nll_std"] < mc1["nll_std"] / 3
     # Averaging probabilities over more masks lowers the NLL (Jensen), towards the K -> infinity limit.
-    assert mc50["nll_mean"] < results["methods"]["mc2"]["nll_mean"] < mc1["nll_mean"]
+    assert mc50["nll_mean"] < results["methods"]["mc-2"]["nll_mean"] < mc1["nll_mean"]
     limit = classification_metrics(mc_probs(teacher, x, ids, 400, seed=12345), y)
     assert abs(mc50["nll_mean"] - limit["nll"]) < abs(mc1["nll_mean"] - limit["nll"]) / 5
     assert abs(mc50["error_mean"] - limit["error"]) < 0.03
@@ -90,21 +92,40 @@ def test_metrics_and_artifact_in_the_mlflow_store(trained):
     mlflow.set_tracking_uri(cfg.tracking.uri)
     [run] = mlflow.search_runs(experiment_names=["test-evaluate"], filter_string="tags.stage = 'evaluate'",
                                output_format="list")
-    metrics, m = run.data.metrics, results["methods"]
-    assert metrics["standard/error"] == pytest.approx(m["standard"]["error"])
-    assert metrics["distilled/nll"] == pytest.approx(m["distilled"]["nll"])
-    for k in KS:
-        assert metrics[f"mc{k}/error_mean"] == pytest.approx(m[f"mc{k}"]["error_mean"])
-        assert metrics[f"mc{k}/error_std"] == pytest.approx(m[f"mc{k}"]["error_std"])
-        assert metrics[f"mc{k}/ece_mean"] == pytest.approx(m[f"mc{k}"]["ece_mean"])
-    assert metrics["test_images"] == 256
-    assert run.info.status == "FINISHED"
+    # The evaluate run keeps the MC curve and the count; the numbers of each method live in its own run.
+    assert sorted(run.data.metrics) == ["mc_curve/error_mean", "mc_curve/nll_mean", "test_images"]
+    assert run.data.metrics["test_images"] == 256 and run.info.status == "FINISHED"
     assert run.data.tags["dataset"] == "synthetic" and run.data.tags["arch"] == "mlp"
     assert run.data.params["eval.repeats"] == str(REPEATS)
-    curve = mlflow.MlflowClient().get_metric_history(run.info.run_id, "mc_curve/error_mean")
-    assert sorted(p.step for p in curve) == KS
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    client = mlflow.MlflowClient()
+    curve = client.get_metric_history(run.info.run_id, "mc_curve/error_mean")
+    assert {p.step: p.value for p in curve} == pytest.approx({k: results["methods"][f"mc-{k}"]["error_mean"] for k in KS})
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "config.yaml"} <= artifacts
+
+
+def test_one_child_run_per_method_with_the_same_keys(trained):
+    cfg, results = trained
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    [run] = mlflow.search_runs(experiment_names=["test-evaluate"], filter_string="tags.stage = 'evaluate'",
+                               output_format="list")
+    children = mlflow.search_runs(experiment_names=["test-evaluate"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    assert [c.info.run_name for c in children] == ["standard", "mc-1", "mc-2", "mc-50", "distilled"]
+    for child in children:
+        method, m = child.info.run_name, results["methods"][child.info.run_name]
+        assert sorted(child.data.metrics) == sorted(METHOD_METRICS)
+        mean = "_mean" if method.startswith("mc-") else ""
+        for key in ("error", "nll", "ece", "brier", "latency_ms", "images_per_s"):
+            assert child.data.metrics[key] == pytest.approx(m[key + mean]), (method, key)
+        assert child.data.metrics["error_std"] == pytest.approx(m["error_std"] if mean else 0.0)
+        assert child.data.metrics["forward_passes"] == m["forward_passes"]
+        about = {"method": method, "K": str(m["forward_passes"]), "dataset": "synthetic", "arch": "mlp",
+                 "dropout_p": str(cfg.model.p), "pipeline_run": "none", "evaluate_run": run.info.run_id}
+        assert child.data.params == about  # what was compared, not the whole config again
+        assert {k: child.data.tags[k] for k in about} == about and child.data.tags["stage"] == "method"
+        assert child.info.status == "FINISHED"
 
 
 def test_missing_student_is_skipped_with_a_note(trained, tmp_path):
@@ -112,8 +133,8 @@ def test_missing_student_is_skipped_with_a_note(trained, tmp_path):
     cfg2 = tiny_config(tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db", "eval.ks=[3]", "eval.repeats=1")
     shutil.copytree(RunDir(cfg).teacher.parent, RunDir(cfg2).teacher.parent)
     results = evaluate(cfg2)
-    assert list(results["methods"]) == ["standard", "mc3"]
-    assert results["methods"]["mc3"]["error_std"] == 0.0
+    assert list(results["methods"]) == ["standard", "mc-3"]
+    assert results["methods"]["mc-3"]["error_std"] == 0.0
     assert "distilled skipped" in results["notes"][0]
 
 
@@ -135,7 +156,8 @@ def test_compare_tabulates_the_store(trained, tmp_path):
     cfg, results = trained
     report = compare(cfg, out_dir=tmp_path)
     m = results["methods"]
-    assert (f"| synthetic | mlp | 256 | {100 * m['standard']['error']:.2f} | {100 * m['mc50']['error_mean']:.2f} (50) | "
+    assert (f"| synthetic | mlp | 0.5 | 10 | 256 | {100 * m['standard']['error']:.2f} | "
+            f"{100 * m['mc-50']['error_mean']:.2f} (50) | "
             f"{100 * m['distilled']['error']:.2f} |") in report
     assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| MC K=")] == \
         ["MC K=1", "MC K=2", "MC K=50"]
@@ -159,6 +181,75 @@ def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys
     assert not (tmp_path / "compare").exists()
 
 
+@pytest.fixture(scope="module")
+def two_settings(trained, tmp_path_factory):
+    """The trained teacher and student evaluated twice into a store of their own, as two pipeline runs
+    with other label K and eval.ks would be."""
+    root = tmp_path_factory.mktemp("filter")
+    cfg, _ = trained
+    configs = [tiny_config(root / "run", f"sqlite:///{root}/mlruns.db", f"label.k={k}", f"eval.ks=[{ks}]",
+                           "eval.repeats=1", "tracking.experiment=filter-test") for k, ks in ((10, 2), (20, 3))]
+    shutil.copytree(RunDir(cfg).teacher.parent, RunDir(configs[0]).teacher.parent)
+    shutil.copytree(RunDir(cfg).student.parent, RunDir(configs[0]).student.parent)
+    return configs, [evaluate(c) for c in configs]
+
+
+def test_compare_filter_selects_any_set_of_runs(two_settings, tmp_path):
+    (cfg10, cfg20), (results10, results20) = two_settings
+    # Without a filter: the newest evaluate run of the (dataset, arch), label K 20.
+    newest = compare(cfg20, out_dir=tmp_path / "newest")
+    assert "| synthetic | mlp | 0.5 | 20 | 256 |" in newest and "| 0.5 | 10 |" not in newest
+    only10 = compare(cfg20, out_dir=tmp_path / "k10", filter_string="tags.K = '10'")
+    assert "| synthetic | mlp | 0.5 | 10 | 256 |" in only10 and "| 0.5 | 20 |" not in only10
+    both = compare(cfg20, out_dir=tmp_path / "both", filter_string="params.`label.k` != '5'")
+    assert "| 0.5 | 10 | 256 |" in both and "| 0.5 | 20 | 256 |" in both
+    # Two runs of one (dataset, arch): the plots carry the run id instead of overwriting each other.
+    assert len(list((tmp_path / "both").glob("synthetic_mlp_*_error_vs_k.png"))) == 2
+
+    mlflow.set_tracking_uri(cfg20.tracking.uri)
+    runs = mlflow.search_runs(experiment_names=["filter-test"], output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    evaluate_ids = {r.data.tags["K"]: r.info.run_id for r in runs if r.data.tags["stage"] == "evaluate"}
+    compare_run = next(r for r in runs if r.data.tags["stage"] == "compare")  # the newest: --filter over both
+    assert compare_run.data.params == {"experiment": "filter-test", "filter": "params.`label.k` != '5'",
+                                       "compared_runs": "2"}
+    assert set(compare_run.data.tags["compared_runs"].split(",")) == set(evaluate_ids.values())
+    table = mlflow.load_table("comparison.json", run_ids=[compare_run.info.run_id])
+    rows = {(str(r.label_k), r.method): r for r in table.itertuples()}
+    assert sorted(rows) == [("10", "distilled"), ("10", "mc-2"), ("10", "standard"),
+                            ("20", "distilled"), ("20", "mc-3"), ("20", "standard")]
+    assert rows["10", "mc-2"].error == pytest.approx(results10["methods"]["mc-2"]["error_mean"])
+    assert rows["20", "mc-3"].forward_passes == 3 and rows["20", "mc-3"].evaluate_run == evaluate_ids["20"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(compare_run.info.run_id)}
+    assert {"comparison.json", "compare.md"} <= artifacts and "config.yaml" not in artifacts
+
+
+@pytest.mark.parametrize("filter_string, message", [
+    ("params.label.k ==== 3", "MLflow rejects the filter 'params.label.k ==== 3': "),
+    ("tags.K = '999'", "no finished evaluate run in MLflow experiment 'filter-test' matches the filter \"tags.K = '999'\""),
+])
+def test_compare_filter_mistakes_are_one_line(two_settings, tmp_path, capsys, filter_string, message):
+    (cfg, _), _ = two_settings
+    code = main(["compare", "--filter", filter_string, "--experiment", "filter-test",
+                 f"tracking.uri={cfg.tracking.uri}", f"run_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"dd-dist compare: error: {message}") and "\n" not in err
+    assert not (tmp_path / "compare").exists()
+
+
+def test_compare_with_an_unreachable_server_names_it_quickly(tmp_path, capsys):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.monotonic()
+    code = main(["compare", f"tracking.uri=http://127.0.0.1:{port}", f"run_dir={tmp_path}"])
+    seconds = time.monotonic() - began
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"dd-dist compare: error: cannot query MLflow at http://127.0.0.1:{port}")
+    assert "\n" not in err and seconds < 10  # one line, not MLflow's minutes of retries
+    assert not (tmp_path / "compare").exists()
+
+
 @pytest.mark.parametrize("standard, mc, distilled, share", [
     (0.030, 0.020, 0.025, 0.5),  # half of the standard -> MC gap recovered
     (0.030, 0.020, 0.035, -0.5),  # the student is worse than standard dropout: a negative share
@@ -168,6 +259,6 @@ def test_compare_without_evaluate_runs_is_a_user_error(trained, tmp_path, capsys
 def test_gap_recovered_needs_mc_to_beat_standard(standard, mc, distilled, share):
     from dd_dist.stages.compare import Evaluation
 
-    methods = {"standard": {"error": standard}, "mc50": {"error_mean": mc}, "distilled": {"error": distilled}}
-    recovered = Evaluation("run", "mnist", "lenet", 10000, methods).gap_recovered()
+    methods = {"standard": {"error": standard}, "mc-50": {"error": mc}, "distilled": {"error": distilled}}
+    recovered = Evaluation("run", "mnist", "lenet", "0.5", "100", 10000, methods).gap_recovered()
     assert recovered == share if share is None else recovered == pytest.approx(share)

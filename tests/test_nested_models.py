@@ -202,5 +202,5 @@ def test_the_pipeline_runs_a_nested_factory_net_on_ray(tmp_path):
     history = json.loads((run / "teacher" / "history.json").read_text())["epochs"]
     assert history[-1]["loss"] < history[0]["loss"]
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert set(results["methods"]) == {"standard", "mc4", "distilled"}
+    assert set(results["methods"]) == {"standard", "mc-4", "distilled"}
     assert main(["verify", str(run / "labels"), "--teacher", str(run / "teacher" / "model.pt"), "--rows", "64"]) == 0

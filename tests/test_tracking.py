@@ -75,15 +75,15 @@ def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
 
     report = compare(cfg, out_dir=tmp_path / "compare")
     m = results["methods"]
-    standard, mc5, distilled = m["standard"]["error"], m["mc5"]["error_mean"], m["distilled"]["error"]
+    standard, mc5, distilled = m["standard"]["error"], m["mc-5"]["error_mean"], m["distilled"]["error"]
     gap = standard - mc5
     # no gap to recover when MC does not beat standard dropout by half a test image
     share = "n/a" if gap < 0.5 / 256 else f"{100 * (standard - distilled) / gap:.0f} %"
-    assert (f"| synthetic | mlp | 256 | {100 * standard:.2f} | {100 * mc5:.2f} (5) | {100 * distilled:.2f} | {share} |"
-            in report)
+    assert (f"| synthetic | mlp | 0.5 | 5 | 256 | {100 * standard:.2f} | {100 * mc5:.2f} (5) | {100 * distilled:.2f} "
+            f"| {share} |" in report)
     assert f"pipeline run `{parent_id}` with stages: teacher, label, distill, evaluate" in report
-    assert (f"| MC K=5 | 5 | {100 * mc5:.2f} | {100 * m['mc5']['error_std']:.2f} | {m['mc5']['nll_mean']:.4f} | "
-            f"{m['mc5']['ece_mean']:.4f} |") in report
+    assert (f"| MC K=5 | 5 | {100 * mc5:.2f} | {100 * m['mc-5']['error_std']:.2f} | {m['mc-5']['nll_mean']:.4f} | "
+            f"{m['mc-5']['ece_mean']:.4f} |") in report
     assert f"| distilled | 1 | {100 * distilled:.2f} |  | {m['distilled']['nll']:.4f} |" in report
     out = tmp_path / "compare"
     assert (out / "compare.md").read_text() == report + "\n"
@@ -97,14 +97,22 @@ def test_pipeline_run_is_compared_and_served(server, tmp_path, monkeypatch):
     runs = rest(server["url"], "/api/2.0/mlflow/runs/search",
                 {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
-    by_stage = {t["stage"]: run_id for run_id, t in tags.items()}
+    by_stage = {t["stage"]: run_id for run_id, t in tags.items() if t["stage"] != "method"}
     assert sorted(by_stage) == ["compare", "distill", "evaluate", "label", "pipeline", "teacher"]
     assert by_stage["pipeline"] == parent_id
     for stage in ("teacher", "label", "distill", "evaluate"):
         assert tags[by_stage[stage]]["mlflow.parentRunId"] == parent_id
+    # The methods are runs of their own under the evaluate run, and name the pipeline run.
+    methods = {t["method"]: run_id for run_id, t in tags.items() if t["stage"] == "method"}
+    assert sorted(methods) == ["distilled", "mc-1", "mc-5", "standard"]
+    for method, run_id in methods.items():
+        assert tags[run_id]["mlflow.parentRunId"] == by_stage["evaluate"] and tags[run_id]["pipeline_run"] == parent_id
+    def metrics_of(run_id):
+        run = rest(server["url"], f"/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+        return {x["key"]: x["value"] for x in run["data"]["metrics"]}
+    assert metrics_of(methods["standard"])["error"] == pytest.approx(standard)
+    assert metrics_of(methods["mc-5"])["error"] == pytest.approx(mc5)
     evaluate_run = rest(server["url"], f"/api/2.0/mlflow/runs/get?run_id={by_stage['evaluate']}")["run"]
-    metrics = {x["key"]: x["value"] for x in evaluate_run["data"]["metrics"]}
-    assert metrics["standard/error"] == pytest.approx(standard) and metrics["mc5/error_mean"] == pytest.approx(mc5)
     params = {x["key"]: x["value"] for x in evaluate_run["data"]["params"]}
     assert params["cluster.address"] == "ray://bob:***@head:10001"
     distill_run = rest(server["url"], f"/api/2.0/mlflow/runs/get?run_id={by_stage['distill']}")["run"]

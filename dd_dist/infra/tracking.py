@@ -25,8 +25,13 @@ from dd_dist.config import Config, TrackingConfig
 
 DEFAULT_URI = TrackingConfig.model_fields["uri"].default
 _URI_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/:@\s]+):[^/@\s]+@")
-# Tells MLflow's UI that the experiment holds training runs, so that it opens on the runs table.
+# Tells MLflow's UI that the experiment holds training runs, so that it opens on the runs table: MLflow 3.0-3.x
+# read this experiment tag. MLflow 3.17's UI ignores it and takes the view from the page's `workflowType`
+# query parameter, else the GenAI / Model training toggle saved in the browser (default GenAI): the links
+# dd-dist prints carry RUNS_VIEW.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+RUNS_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` over a file or SQLite store
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -112,12 +117,21 @@ class Tracker:
             self._attempt("tagging the experiment", mlflow.set_experiment_tag, *EXPERIMENT_KIND)
         return experiment.experiment_id
 
-    @contextmanager
-    def stage_run(self, stage: str, parent_run_id: str | None = None, **tags) -> Iterator[str | None]:
-        """One MLflow run for a stage, yielding its id (None off rank 0 or without a server).
+    def runs_page(self) -> str | None:
+        """The experiment's runs table in the MLflow UI, training view; None if the store is unreachable."""
+        experiment_id = self.experiment_id()
+        base = self.uri if self.uri.startswith(("http://", "https://")) else LOCAL_UI
+        return experiment_id and f"{redact(base).rstrip('/')}/#/experiments/{experiment_id}?{RUNS_VIEW}"
 
-        Nested under `parent_run_id`, or else under the run active in this thread. Logs the flattened
-        config as params and as config.yaml; ends FAILED (KILLED on Ctrl-C) if the body raises.
+    @contextmanager
+    def stage_run(self, stage: str, parent_run_id: str | None = None, run_name: str | None = None,
+                  params: dict | None = None, **tags) -> Iterator[str | None]:
+        """One MLflow run for a stage (named `run_name`, default the stage), yielding its id (None off
+        rank 0 or without a server).
+
+        Nested under `parent_run_id`, or else under the run active in this thread. Logs `params`, by
+        default the flattened config as params and as config.yaml; ends FAILED (KILLED on Ctrl-C) if
+        the body raises.
         """
         if not is_rank_zero():
             yield None
@@ -126,14 +140,16 @@ class Tracker:
         run_id = None
         if experiment_id is not None:
             ok, run = self._attempt(f"starting the {stage} run", mlflow.start_run, experiment_id=experiment_id,
-                                    run_name=stage, nested=mlflow.active_run() is not None,
+                                    run_name=run_name or stage, nested=mlflow.active_run() is not None,
                                     parent_run_id=parent_run_id, tags=run_tags(self.cfg, stage, tags),
                                     log_system_metrics=False)
             run_id = run.info.run_id if ok else None
         if run_id:
-            params = {k: redact(v) for k, v in self.cfg.flat().items()}
-            self._attempt("logging params", mlflow.log_params, params)
-            self._attempt("logging config.yaml", mlflow.log_dict, redact_tree(self.cfg.model_dump()), "config.yaml")
+            config = params is None
+            params = self.cfg.flat() if config else params
+            self._attempt("logging params", mlflow.log_params, {k: redact(v) for k, v in params.items()})
+            if config:
+                self._attempt("logging config.yaml", mlflow.log_dict, redact_tree(self.cfg.model_dump()), "config.yaml")
         status = "FINISHED"
         try:
             yield run_id
@@ -153,7 +169,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
         """Log to `run_id` or the active run; never raises. A no-op off rank 0 or without a run."""
-        run_id = run_id or _active_run_id()
+        run_id = run_id or active_run_id()
         if not run_id or not is_rank_zero():
             return
         now = int(time.time() * 1000)
@@ -166,15 +182,25 @@ class Tracker:
     def log_artifact(self, path, artifact_path: str | None = None, run_id: str | None = None) -> None:
         """Upload a file; skipped (after the one warning) while the server is unreachable, unless
         tracking.retry_s has passed since it last failed."""
-        run_id = run_id or _active_run_id()
-        if not run_id or (self.offline and not self._retry_due()) or not is_rank_zero():
-            return
-        self.offline = False
-        self._attempt(f"uploading {path}", MlflowClient().log_artifact, run_id, str(path), artifact_path)
+        run_id = run_id or active_run_id()
+        if run_id and self._may_upload():
+            self._attempt(f"uploading {path}", MlflowClient().log_artifact, run_id, str(path), artifact_path)
+
+    def log_table(self, table: dict[str, list], artifact_file: str, run_id: str | None) -> None:
+        """An MLflow table (a JSON artifact the UI shows as a table, readable with mlflow.load_table)."""
+        if run_id and self._may_upload():
+            self._attempt(f"logging the table {artifact_file}", mlflow.log_table, table, artifact_file, run_id=run_id)
 
     def log_model_file(self, path, run_id: str | None = None) -> None:
         """The final checkpoint as a plain artifact under model/ (no slow mlflow.pytorch packaging)."""
         self.log_artifact(path, "model", run_id)
+
+    def _may_upload(self) -> bool:
+        """Rank 0, and a server not known to be down (or due for another try)."""
+        if (self.offline and not self._retry_due()) or not is_rank_zero():
+            return False
+        self.offline = False
+        return True
 
     def _retry_due(self) -> bool:
         return time.monotonic() - self.failed_at >= self.cfg.tracking.retry_s
@@ -218,7 +244,7 @@ class Tracker:
             return False, None
 
 
-def _active_run_id() -> str | None:
+def active_run_id() -> str | None:
     run = mlflow.active_run()
     return run.info.run_id if run else None
 

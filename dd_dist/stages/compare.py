@@ -1,15 +1,19 @@
 """`dd-dist compare`: evaluate runs from MLflow side by side (standard / MC-K / distilled), with
 the share of the standard->MC gap that distillation recovered, and three plots.
 
-Numbers come from the store (the evaluate runs' metrics); the reliability diagram reads the
-per-bin data from each run's results.json artifact. Writes compare.md and PNGs to run_dir/compare
-(or --out) and logs them to a "compare" run.
+Which runs: by default the newest finished evaluate run of each (dataset, arch) in the experiment;
+with --filter, every finished evaluate run that an MLflow search filter selects (different p, K,
+schedules, ...). Numbers come from each evaluate run's method runs (see stages/evaluate.py); the
+reliability diagram reads the per-bin data from the evaluate run's results.json artifact. Writes
+compare.md and PNGs to run_dir/compare (or --out) and logs them to a "compare" run, with the
+comparison as an MLflow table (comparison.json) and the ids of the runs it compared.
 """
 from __future__ import annotations
 
 import json
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +29,25 @@ from dd_dist.layout import RunDir
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-MC_METHOD = re.compile(r"mc(\d+)$")
+MC_METHOD = re.compile(r"mc-(\d+)$")
 COLUMNS = ("error", "nll", "ece", "brier", "latency_ms", "images_per_s")
+FINISHED_EVALUATE = "tags.stage = 'evaluate' and attributes.status = 'FINISHED'"
+
+
+def mc_k(method: str) -> int:
+    """K of an MC method run's name: 10 for 'mc-10'."""
+    return int(MC_METHOD.match(method).group(1))
 
 
 @dataclass
 class Evaluation:
-    """One evaluate run: metrics per method ('standard', 'mc10', 'distilled'), K-sorted MC names."""
+    """One evaluate run: metrics per method run ('standard', 'mc-10', 'distilled'), K-sorted MC names."""
 
     run_id: str
     dataset: str
     arch: str
+    p: str
+    label_k: str
     test_images: int
     methods: dict[str, dict[str, float]]
     parent_run_id: str | None = None
@@ -43,11 +55,13 @@ class Evaluation:
 
     @property
     def mc_names(self) -> list[str]:
-        return sorted((m for m in self.methods if MC_METHOD.match(m)), key=lambda m: int(m[2:]))
+        return sorted((m for m in self.methods if MC_METHOD.match(m)), key=mc_k)
+
+    def ordered_methods(self) -> list[str]:
+        return [m for m in ("standard", *self.mc_names, "distilled") if m in self.methods]
 
     def value(self, method: str, key: str) -> float | None:
-        m = self.methods.get(method, {})
-        return m.get(key, m.get(f"{key}_mean"))
+        return self.methods.get(method, {}).get(key)
 
     def gap_recovered(self) -> float | None:
         """(standard - distilled) / (standard - MC at the largest K); None without a student, or when MC
@@ -62,92 +76,125 @@ class Evaluation:
         return (standard - distilled) / gap
 
 
-def compare(cfg: Config, experiment: str | None = None, out_dir: str | Path | None = None) -> str:
-    """The Markdown report of the latest evaluate run per (dataset, arch); also writes it and the plots."""
+def compare(cfg: Config, experiment: str | None = None, out_dir: str | Path | None = None,
+            filter_string: str | None = None) -> str:
+    """The Markdown report of the chosen evaluate runs (see the module doc); also writes it and the plots."""
     name = experiment or cfg.tracking.experiment
     cfg = cfg.model_copy(deep=True)
     cfg.tracking.experiment = name
     tracker = Tracker(cfg)
-    evaluations = load_evaluations(tracker)
+    evaluations = load_evaluations(tracker, filter_string)
     out = Path(out_dir) if out_dir else RunDir(cfg).compare
     report = markdown_report(name, evaluations)
-    plots = [path for e in evaluations for path in write_plots(e, out)]
+    repeated = Counter((e.dataset, e.arch) for e in evaluations)
+    plots = [path for e in evaluations for path in write_plots(e, out, repeated[e.dataset, e.arch] > 1)]
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(report + "\n"))
-    with tracker.stage_run("compare", compared_runs=",".join(e.run_id for e in evaluations)) as run_id:
+    compared = [e.run_id for e in evaluations]
+    # The compare run's params say what it compared, not the config of this call.
+    params = {"experiment": name, "filter": filter_string or "", "compared_runs": len(compared)}
+    with tracker.stage_run("compare", params=params, compared_runs=",".join(compared)) as run_id:
+        tracker.log_table(comparison_table(evaluations), "comparison.json", run_id)
         for path in [out / "compare.md", *plots]:
             tracker.log_artifact(path, run_id=run_id)
     return report
 
 
-def load_evaluations(tracker: Tracker) -> list[Evaluation]:
-    """The newest finished evaluate run of each (dataset, arch) in the tracker's experiment."""
+def load_evaluations(tracker: Tracker, filter_string: str | None = None) -> list[Evaluation]:
+    """Finished evaluate runs of the tracker's experiment, each with its method runs: those `filter_string`
+    selects, or else the newest of each (dataset, arch)."""
     uri, experiment = tracker.use_store(), tracker.cfg.tracking.experiment
+    query = f"{FINISHED_EVALUATE} and {filter_string}" if filter_string else FINISHED_EVALUATE
     try:
         exp = mlflow.get_experiment_by_name(experiment)
-        runs = [] if exp is None else mlflow.search_runs(
-            experiment_ids=[exp.experiment_id], filter_string="tags.stage = 'evaluate' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], output_format="list")
+        runs = [] if exp is None else _search(exp.experiment_id, query, "attributes.start_time DESC")
+    except mlflow.exceptions.MlflowException as error:
+        if filter_string and error.error_code == "INVALID_PARAMETER_VALUE":
+            raise UserError(f"MLflow rejects the filter {filter_string!r}: {_first_line(error)}") from None
+        raise _unreachable(uri, error) from None
     except Exception as error:  # a server that is down or refuses us is the user's to fix
-        raise UserError(f"cannot query MLflow at {redact(uri)}: {type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}") from None
+        raise _unreachable(uri, error) from None
     if exp is None:
         raise UserError(f"no MLflow experiment named {experiment!r} at {redact(uri)}")
+    if not runs and filter_string:
+        raise UserError(f"no finished evaluate run in MLflow experiment {experiment!r} matches the filter "
+                        f"{filter_string!r}")
     if not runs:
         raise UserError(f"MLflow experiment {experiment!r} has no finished evaluate runs: run `dd-dist evaluate` first")
-    newest: dict[tuple[str, str], Evaluation] = {}
+    chosen: dict = {}
     for run in runs:
-        e = _evaluation(run)
-        newest.setdefault((e.dataset, e.arch), e)
-    for e in newest.values():
-        if e.parent_run_id:
-            children = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list",
-                                          filter_string=f"tags.mlflow.parentRunId = '{e.parent_run_id}'",
-                                          order_by=["attributes.start_time ASC"])
-            e.pipeline_stages = [c.data.tags.get("stage", "?") for c in children]
-    return sorted(newest.values(), key=lambda e: (e.dataset, e.arch))
+        tags = run.data.tags
+        chosen.setdefault(run.info.run_id if filter_string else (tags.get("dataset"), tags.get("arch")), run)
+    evaluations = [_evaluation(exp.experiment_id, run) for run in chosen.values()]
+    return sorted(evaluations, key=lambda e: (e.dataset, e.arch))
 
 
-def _evaluation(run) -> Evaluation:
-    methods: dict[str, dict[str, float]] = {}
-    for name, value in run.data.metrics.items():
-        method, _, key = name.partition("/")
-        if key and (method in ("standard", "distilled") or MC_METHOD.match(method)):
-            methods.setdefault(method, {})[key] = value
-    tags = run.data.tags
-    return Evaluation(run.info.run_id, tags.get("dataset", "?"), tags.get("arch", "?"),
-                      int(run.data.metrics.get("test_images", 0)), methods, tags.get("mlflow.parentRunId"))
+def _search(experiment_id: str, filter_string: str, order_by: str) -> list:
+    return mlflow.search_runs(experiment_ids=[experiment_id], filter_string=filter_string, order_by=[order_by],
+                              output_format="list")
+
+
+def _evaluation(experiment_id: str, run) -> Evaluation:
+    """An evaluate run with its method runs' metrics and the stages of its pipeline run."""
+    run_id, tags = run.info.run_id, run.data.tags
+    children = _search(experiment_id, f"tags.mlflow.parentRunId = '{run_id}' and tags.stage = 'method'",
+                       "attributes.start_time ASC")
+    parent = tags.get("mlflow.parentRunId")
+    stages = _search(experiment_id, f"tags.mlflow.parentRunId = '{parent}'", "attributes.start_time ASC") if parent else []
+    return Evaluation(run_id, tags.get("dataset", "?"), tags.get("arch", "?"), tags.get("dropout_p", "?"),
+                      tags.get("K", "?"), int(run.data.metrics.get("test_images", 0)),
+                      {c.data.tags.get("method", c.info.run_name): dict(c.data.metrics) for c in children}, parent,
+                      [s.data.tags.get("stage", "?") for s in stages])
+
+
+def _unreachable(uri: str, error: Exception) -> UserError:
+    return UserError(f"cannot query MLflow at {redact(uri)}: {type(error).__name__}: {_first_line(error)}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return redact(text.splitlines()[0][:200]) if text else ""
+
+
+def comparison_table(evaluations: list[Evaluation]) -> dict[str, list]:
+    """One row per (evaluate run, method): which run, its setting and its numbers (mlflow.log_table)."""
+    rows = [{"evaluate_run": e.run_id, "pipeline_run": e.parent_run_id or "", "dataset": e.dataset, "arch": e.arch,
+             "dropout_p": e.p, "label_k": e.label_k, "method": method,
+             "forward_passes": int(e.value(method, "forward_passes") or 1),
+             **{key: e.value(method, key) for key in COLUMNS}}
+            for e in evaluations for method in e.ordered_methods()]
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
 
 
 def markdown_report(experiment: str, evaluations: list[Evaluation]) -> str:
     lines = [f"# dd-dist compare: experiment `{experiment}`", "",
-             "| dataset | arch | test images | standard error % | MC error % (K) | distilled error % | gap recovered |",
-             "|---|---|---|---|---|---|---|"]
+             "| dataset | arch | p | label K | test images | standard error % | MC error % (K) | distilled error % "
+             "| gap recovered | evaluate run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in evaluations:
         mc = e.mc_names[-1] if e.mc_names else None
-        lines.append(f"| {e.dataset} | {e.arch} | {e.test_images} | {_pct(e.value('standard', 'error'))} | "
-                     f"{_pct(e.value(mc, 'error')) if mc else 'n/a'} ({mc[2:] if mc else '-'}) | "
-                     f"{_pct(e.value('distilled', 'error'))} | {_share(e.gap_recovered())} |")
+        lines.append(f"| {e.dataset} | {e.arch} | {e.p} | {e.label_k} | {e.test_images} | "
+                     f"{_pct(e.value('standard', 'error'))} | {_pct(e.value(mc, 'error')) if mc else 'n/a'} "
+                     f"({mc_k(mc) if mc else '-'}) | {_pct(e.value('distilled', 'error'))} | {_share(e.gap_recovered())} "
+                     f"| `{e.run_id[:8]}` |")
     for e in evaluations:
-        lines += ["", f"## {e.dataset} / {e.arch}", "", f"evaluate run `{e.run_id}`"]
+        lines += ["", f"## {e.dataset} / {e.arch}, p={e.p}, label K={e.label_k}", "", f"evaluate run `{e.run_id}`"]
         if e.parent_run_id:
             lines[-1] += f", pipeline run `{e.parent_run_id}` with stages: {', '.join(e.pipeline_stages)}"
         lines += ["", "| method | forward passes | error % | ± std | NLL | ECE | Brier | ms / image | images / s |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for method in ["standard", *e.mc_names, "distilled"]:
-            if method not in e.methods:
-                continue
+        for method in e.ordered_methods():
             v = {key: e.value(method, key) for key in COLUMNS}
-            std = e.methods[method].get("error_std")
+            std = f"{_pct(e.value(method, 'error_std'))}" if MC_METHOD.match(method) else ""
             lines.append(f"| {_label(method)} | {int(e.value(method, 'forward_passes') or 1)} | {_pct(v['error'])} | "
-                         f"{_pct(std) if std is not None else ''} | {v['nll']:.4f} | {v['ece']:.4f} | "
-                         f"{v['brier']:.4f} | {v['latency_ms']:.4f} | {v['images_per_s']:.0f} |")
+                         f"{std} | {v['nll']:.4f} | {v['ece']:.4f} | {v['brier']:.4f} | {v['latency_ms']:.4f} | "
+                         f"{v['images_per_s']:.0f} |")
         if "distilled" not in e.methods:
             lines += ["", "no distilled student in this run"]
     return "\n".join(lines)
 
 
 def _label(method: str) -> str:
-    return f"MC K={method[2:]}" if MC_METHOD.match(method) else method
+    return f"MC K={mc_k(method)}" if MC_METHOD.match(method) else method
 
 
 def _pct(value: float | None) -> str:
@@ -158,9 +205,10 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f} %"
 
 
-def write_plots(e: Evaluation, out: Path) -> list[Path]:
-    """Error vs K, error vs latency, and (when the run has results.json) a reliability diagram."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{e.dataset}_{e.arch}")
+def write_plots(e: Evaluation, out: Path, with_run_id: bool = False) -> list[Path]:
+    """Error vs K, error vs latency, and (when the run has results.json) a reliability diagram; file names
+    carry the run id where several compared runs share a dataset and arch."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{e.dataset}_{e.arch}" + (f"_{e.run_id[:8]}" if with_run_id else ""))
     paths = [_save(_error_vs_k(e), out / f"{stem}_error_vs_k.png"),
              _save(_error_vs_cost(e), out / f"{stem}_error_vs_latency.png")]
     bins = _reliability_data(e.run_id)
@@ -171,7 +219,7 @@ def write_plots(e: Evaluation, out: Path) -> list[Path]:
 
 def _error_vs_k(e: Evaluation):
     fig, ax = plt.subplots(figsize=(6, 4))
-    ks = [int(m[2:]) for m in e.mc_names]
+    ks = [mc_k(m) for m in e.mc_names]
     ax.errorbar(ks, [100 * e.value(m, "error") for m in e.mc_names],
                 yerr=[100 * e.methods[m].get("error_std", 0) for m in e.mc_names], marker="o", capsize=3,
                 label="MC dropout (mean ± std over seeds)")
@@ -188,7 +236,7 @@ def _error_vs_cost(e: Evaluation):
     ax.plot([e.value(m, "latency_ms") for m in e.mc_names], [100 * e.value(m, "error") for m in e.mc_names],
             marker="o", label="MC dropout")
     for m in e.mc_names:
-        ax.annotate(f"K={m[2:]}", (e.value(m, "latency_ms"), 100 * e.value(m, "error")), fontsize=8)
+        ax.annotate(f"K={mc_k(m)}", (e.value(m, "latency_ms"), 100 * e.value(m, "error")), fontsize=8)
     for method, color in (("standard", "tab:red"), ("distilled", "tab:green")):
         if method in e.methods:
             ax.scatter([e.value(method, "latency_ms")], [100 * e.value(method, "error")], color=color, s=60,

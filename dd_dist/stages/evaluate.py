@@ -1,7 +1,11 @@
 """`dd-dist evaluate`: standard dropout, MC dropout at each K (several seeds) and the distilled
 student on the test split: error, NLL, ECE, Brier, reliability bins and latency.
 
-Writes run_dir/eval/results.json (layout.RunDir.results) and logs the same numbers to MLflow (an "evaluate" stage run).
+Writes run_dir/eval/results.json (layout.RunDir.results) and logs to MLflow an "evaluate" stage run
+(the MC curve: error and NLL over K as steps, results.json) with one child run per method: `standard`,
+`mc-K` for each K, `distilled`. Every method run carries the same metric keys (METHOD_METRICS) and
+says its method, K, dataset, arch, p and pipeline run as params and tags, so the MLflow UI charts
+"method" as a dimension and runs with different eval.ks line up.
 """
 from __future__ import annotations
 
@@ -21,11 +25,14 @@ from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
 from dd_dist.files import write_json
-from dd_dist.infra.tracking import Tracker
+from dd_dist.infra.tracking import Tracker, active_run_id
 from dd_dist.layout import RunDir
 
 QUALITY = ("error", "nll", "ece", "brier")
 SPEED = ("latency_ms", "images_per_s")
+# Each method run's metrics; for MC the mean over eval.repeats seeds, `_std` their spread (0: one pass
+# has no masks to vary, only its latency varies).
+METHOD_METRICS = (*QUALITY, *SPEED, "forward_passes", *(f"{key}_std" for key in QUALITY), "latency_ms_std")
 EVAL_SEED_SALT = 0xE7A1  # evaluation masks must not repeat the label stage's masks
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, row ids) -> probabilities
@@ -45,6 +52,7 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
     teacher = _load_checked(run.teacher, split, "teacher")
     student = _load_checked(run.student, split, "student") if run.student.is_file() else None
     e, tracker = cfg.eval, Tracker(cfg)
+    pipeline_run_id = parent_run_id or active_run_id()
     with _torch_threads(e.threads), tracker.stage_run("evaluate", parent_run_id, eval_ks=e.ks) as run_id:
         results = {"dataset": split.name, "arch": cfg.model.arch, "test_images": len(split),
                    "data_fingerprint": split.fingerprint, "batch_size": e.batch_size,
@@ -55,37 +63,44 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
             results["methods"]["standard"] = _score(lambda x, ids: standard_probs(teacher, x), split, e, 1, bar,
                                                     timings=e.repeats)
             for k in e.ks:
-                results["methods"][f"mc{k}"] = _score_mc(teacher, split, cfg, k, bar)
+                results["methods"][f"mc-{k}"] = _score_mc(teacher, split, cfg, k, bar)
             if student is not None:
                 results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1,
                                                          bar, timings=e.repeats)
             else:
                 results["notes"].append(f"no student at {run.student}: distilled skipped")
         write_json(run.results, results)
-        tracker.log_metrics({"test_images": len(split), **mlflow_metrics(results)}, run_id=run_id)
+        tracker.log_metrics({"test_images": len(split)}, run_id=run_id)
         for k in e.ks:  # the MC curve as a stepped series, for MLflow's charts
-            tracker.log_metrics({"mc_curve/error_mean": results["methods"][f"mc{k}"]["error_mean"]}, step=k,
-                                run_id=run_id)
+            mc = results["methods"][f"mc-{k}"]
+            tracker.log_metrics({"mc_curve/error_mean": mc["error_mean"], "mc_curve/nll_mean": mc["nll_mean"]},
+                                step=k, run_id=run_id)
         tracker.log_artifact(run.results, run_id=run_id)
+        if run_id:
+            _log_method_runs(tracker, cfg, results, run_id, pipeline_run_id)
     print(format_table(results))
     for note in results["notes"]:
         print(f"note: {note}")
     return results
 
 
-def mlflow_metrics(results: dict) -> dict[str, float]:
-    """`standard/error`, `mc10/error_mean`, `mc10/error_std`, `distilled/latency_ms`, ..."""
-    out = {}
-    for method, m in results["methods"].items():
-        for key in (*QUALITY, *SPEED):
-            if method.startswith("mc"):
-                out[f"{method}/{key}_mean"], out[f"{method}/{key}_std"] = m[f"{key}_mean"], m[f"{key}_std"]
-            else:
-                out[f"{method}/{key}"] = m[key]
-        if not method.startswith("mc"):
-            out[f"{method}/latency_ms_std"] = m["latency_ms_std"]
-        out[f"{method}/forward_passes"] = m["forward_passes"]
+def method_metrics(m: dict) -> dict[str, float]:
+    """METHOD_METRICS of one results.json method: MC's means over seeds under the plain names."""
+    mc = "k" in m
+    out = {key: m[f"{key}_mean"] if mc else m[key] for key in (*QUALITY, *SPEED)}
+    out.update({f"{key}_std": m[f"{key}_std"] if mc else 0.0 for key in QUALITY})
+    out.update(latency_ms_std=m["latency_ms_std"], forward_passes=m["forward_passes"])
     return out
+
+
+def _log_method_runs(tracker: Tracker, cfg: Config, results: dict, evaluate_run_id: str,
+                     pipeline_run_id: str | None) -> None:
+    """One child run of the evaluate run per method, with the same metric keys, params and tags."""
+    for method, m in results["methods"].items():
+        about = {"method": method, "K": m["forward_passes"], "dataset": results["dataset"], "arch": results["arch"],
+                 "dropout_p": cfg.model.p, "pipeline_run": pipeline_run_id or "none", "evaluate_run": evaluate_run_id}
+        with tracker.stage_run("method", evaluate_run_id, run_name=method, params=about, **about) as child:
+            tracker.log_metrics(method_metrics(m), run_id=child)
 
 
 def format_table(results: dict) -> str:
