@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench bench-ood clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ reproduce-quick: setup
 bench: setup
 	test -f runs/demo/student/model.pt || $(BIN)/dd-dist demo
 	$(BIN)/python -m benchmarks.bench
+
+# Out-of-distribution detection, benchmarks/results/ood.md: MNIST against Fashion-MNIST (fetched first) and
+# inverted MNIST, scored by the standard net, MC-100 and the distilled student with its uncertainty head.
+OOD_SEEDS ?= 0,1,2
+bench-ood: setup fashion-mnist
+	$(BIN)/python -m benchmarks.ood --seeds $(OOD_SEEDS)
 
 # Cluster targets: launch-cluster, down, cluster-status, submit, logs, stop.
 -include launch/cluster.mk

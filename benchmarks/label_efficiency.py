@@ -81,7 +81,7 @@ def labels(teacher, ids, inputs, seed: int, scheme: MCScheme) -> tuple[np.ndarra
     """(probs float64, K per row, seconds) of one scheme over the rows, BATCH rows per call."""
     began, probs, ks = time.perf_counter(), [], []
     for start in range(0, len(ids), BATCH):
-        p, _, k = mc_label(teacher, inputs[start : start + BATCH], ids[start : start + BATCH], seed, scheme)
+        p, _, k, _ = mc_label(teacher, inputs[start : start + BATCH], ids[start : start + BATCH], seed, scheme)
         probs.append(p.double().numpy())
         ks.append(k.numpy())
     return np.concatenate(probs), np.concatenate(ks), time.perf_counter() - began

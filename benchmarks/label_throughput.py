@@ -92,7 +92,8 @@ def ray_rates(arch: str, teacher: Path, rows: int, rows_per_shard: int, workdir:
 def bytes_per_row(model, x: torch.Tensor, rows: int, workdir: Path) -> dict:
     """Parquet bytes per row (zstd, with id and mc_stderr) of the same labels in each storage format."""
     ids = torch.arange(rows)
-    probs, stderr = label_rows(model, x, ids, K, SEED, ZERO_P, 0.0)
+    estimate = label_rows(model, x, ids, K, SEED, ZERO_P, 0.0)
+    probs, stderr = estimate.probs.numpy(), estimate.stderr.numpy()
     sizes = {}
     for name, dtype, topk in [("float32", "float32", 0), ("float16", "float16", 0), ("topk3", "topk", 3)]:
         path = workdir / f"bytes-{name}.parquet"

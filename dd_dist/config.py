@@ -97,6 +97,11 @@ class DistillConfig(TrainConfig):
     # a student of another family: a built-in name or package.module:factory (unset: model.arch), with its kwargs
     arch: str | None = None
     kwargs: dict[str, Any] = {}
+    # a second output that predicts each row's MC mutual information (the labels' mutual_info column), so
+    # the student gives probabilities and uncertainty in one pass; its regression loss is weighted by
+    # uncertainty_weight against the KL term (dd_dist/core/heads.py)
+    uncertainty: bool = False
+    uncertainty_weight: float = Field(1.0, ge=0)
 
     @field_validator("arch")
     @classmethod
@@ -106,6 +111,9 @@ class DistillConfig(TrainConfig):
     @model_validator(mode="after")
     def _kwargs_of_a_factory(self):
         check_kwargs(self.arch, self.kwargs)
+        if self.uncertainty and self.mode == "online":
+            raise ValueError("uncertainty=true needs mode=offline: the head learns the mutual information "
+                             "stored in the label shards, and online distillation stores none")
         return self
 
 
@@ -120,6 +128,9 @@ class LabelConfig(Section):
     # a mask tree: each sample of the 2nd, 3rd, ... dropout layer branches into this many (cheap layers
     # near the output get more masks); [] = one mask per layer per sample
     fanout: list[int] = []
+    # store each row's MC uncertainty beside its label: entropy H[mean], expected_entropy E_k H[p_k] and
+    # mutual_info (their difference); false writes the columns of labels made before they existed
+    uncertainty: bool = True
     actors: int = Field(2, ge=1)  # Ray label actors
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float32", "float16", "topk"] = "float16"

@@ -47,7 +47,7 @@ def exact_mean(net, x) -> torch.Tensor:
 
 def replicates(net, scheme, seed=1):
     """N independent estimates of each row of X (row ids differ, so do the masks): (N, 3, C), (N, 3), (N, 3)."""
-    probs, stderr, k = mc_label(net, X.repeat(N, 1), torch.arange(3 * N), seed, scheme)
+    probs, stderr, k, _ = mc_label(net, X.repeat(N, 1), torch.arange(3 * N), seed, scheme)
     return probs.view(N, 3, -1), stderr.view(N, 3), k.view(N, 3)
 
 
@@ -135,7 +135,7 @@ def test_adaptive_k_spends_masks_where_the_spread_is_and_stays_in_bounds():
     # A pilot of 8 masks per stream: its variance has 7 degrees of freedom, so the planned K misses the
     # target by the factor sqrt(E[v / v_pilot]) = sqrt(7 / 5) = 1.18 in root mean square.
     scheme = MCScheme(k=None, stderr_target=0.03, k_min=16, k_max=128)
-    probs, stderr, k = mc_label(net, x, torch.arange(len(x)), 0, scheme)
+    probs, stderr, k, _ = mc_label(net, x, torch.arange(len(x)), 0, scheme)
     assert (k[:50] == 16).all() and (stderr[:50] == 0).all()  # the pilot rounds alone
     assert (k[50:] > 16).float().mean() > 0.9 and k.max() <= 128 and (k % 8 == 0).all()
     uncapped = k[50:] < 128
@@ -150,7 +150,7 @@ def test_a_rows_label_ignores_batch_composition_order_and_chunking():
     x, ids = torch.rand(5, 1, 28, 28), torch.arange(40, 45)
     scheme = MCScheme(k=None, stderr_target=0.002, k_min=8, k_max=24, antithetic=True, control_variate=True,
                       fanout=(2, 2))
-    whole, err, k = mc_label(model, x, ids, 3, scheme)
+    whole, err, k, _ = mc_label(model, x, ids, 3, scheme)
     assert k.min() < k.max() or k.max() == 24
     order = torch.tensor([3, 0, 4, 2, 1])
     for part, rows in [(mc_label(model, x[order], ids[order], 3, scheme), order),
@@ -163,7 +163,7 @@ def test_a_rows_label_ignores_batch_composition_order_and_chunking():
 
 def test_the_plain_scheme_is_mc_probs_exactly():
     net = small_net(0.3)
-    probs, stderr, k = mc_label(net, X, [5, 6, 7], 2, MCScheme(k=9))
+    probs, stderr, k, _ = mc_label(net, X, [5, 6, 7], 2, MCScheme(k=9))
     expected, expected_err = mc_probs(net, X, [5, 6, 7], 9, 2, return_stderr=True)
     assert torch.equal(probs, expected) and torch.equal(stderr, expected_err) and k.tolist() == [9, 9, 9]
 
@@ -234,9 +234,10 @@ def test_label_and_verify_with_adaptive_k_and_a_mask_tree(tmp_path):
     ids, probs = load_soft_labels(out)  # what the actors wrote is what this process computes
     teacher, _ = load_model(teacher_file)
     x = torch.from_numpy(run_split(cfg, "train").x)
-    expected, _, expected_k = label_rows(teacher, x, ids, MCScheme.from_record(manifest["scheme"], "auto"), cfg.seed,
-                                         cfg.data.zero_p, cfg.data.flip_p, return_k=True)
-    assert np.allclose(probs.numpy(), stored_probs(expected, "float16", 0), atol=1e-3) and np.array_equal(k, expected_k)
+    expected = label_rows(teacher, x, ids, MCScheme.from_record(manifest["scheme"], "auto"), cfg.seed,
+                          cfg.data.zero_p, cfg.data.flip_p)
+    assert np.allclose(probs.numpy(), stored_probs(expected.probs.numpy(), "float16", 0), atol=1e-3)
+    assert np.array_equal(k, expected.k.numpy())
 
     report = verify_labels(out, teacher_file, 200, cfg)
     assert report["mean_kl"] <= report["tolerance"]

@@ -18,12 +18,13 @@ import torch
 from dd_dist.config import load_config
 from dd_dist.core.data import load_split
 from dd_dist.core.loop import train_teacher
+from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
 from dd_dist.labels.actors import label_rows
-from dd_dist.labels.format import (label_table, load_soft_labels, read_manifest, read_shard, rebuild_topk,
-                                   stored_probs, write_manifest, write_shard)
+from dd_dist.labels.format import (UNCERTAINTY, label_table, load_soft_labels, read_manifest, read_shard,
+                                   rebuild_topk, stored_probs, write_manifest, write_shard)
 from dd_dist.labels.verify import verify_labels
 from dd_dist.stages.label import run_label
 
@@ -78,7 +79,7 @@ def test_labels_do_not_depend_on_actors_or_batches_and_equal_the_in_process_mc(g
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
     ids = torch.tensor([0, 5, 300, 511])
-    expected, _ = label_rows(teacher, x, ids, 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
+    expected = label_rows(teacher, x, ids, 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p).probs.numpy()
     assert np.array_equal(p1[ids].numpy(), stored_probs(expected, "float16", 0))
     assert torch.allclose(p1.sum(1), torch.ones(ROWS), atol=2e-3) and p1.std(0).max() > 0.05  # real, varied labels
 
@@ -137,7 +138,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(ray_cluster, tea
     ids, probs = load_soft_labels(resumed)
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
-    uninterrupted, _ = label_rows(teacher, x, torch.arange(256), 400, 0, 0.2, 0.0)  # what any clean run writes
+    uninterrupted = label_rows(teacher, x, torch.arange(256), 400, 0, 0.2, 0.0).probs.numpy()  # what any clean run writes
     assert torch.equal(ids, torch.arange(256)) and np.array_equal(probs.numpy(), stored_probs(uninterrupted, "float16", 0))
 
 
@@ -197,20 +198,64 @@ def test_verify_refuses_each_kind_of_bad_labels_in_one_line(good_labels, teacher
 def test_hf_datasets_reads_the_shards_and_storage_options_agree(good_labels, teacher_dir, tmp_path):
     _, out = good_labels
     hf = datasets.load_dataset("parquet", data_dir=str(out), split="train")
-    assert len(hf) == ROWS and set(hf.column_names) == {"id", "probs", "mc_stderr"}
+    assert len(hf) == ROWS and set(hf.column_names) == {"id", "probs", "mc_stderr", *UNCERTAINTY}
     assert str(hf.features["probs"].feature.dtype) == "float16"
     _, half = load_soft_labels(out)
     assert np.allclose(np.asarray(hf.sort("id")["probs"], np.float32), half.numpy())
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
-    full = torch.from_numpy(label_rows(teacher, x, torch.arange(ROWS), 16, 0, 0.2, 0.0)[0])  # float32 labels
+    full = label_rows(teacher, x, torch.arange(ROWS), 16, 0, 0.2, 0.0).probs  # float32 labels
     assert (full - half).abs().max() < 1e-3 and (full - half).abs().max() > 0  # float16 rounding, nothing more
     top = run_label(config(tmp_path / "top4", teacher_dir, "label.dtype=topk", "label.topk=4"))
     assert torch.allclose(load_soft_labels(top)[1], full, atol=1e-7)  # k = number of classes: exact
     assert set(datasets.load_dataset("parquet", data_dir=str(top), split="train").column_names) == {
-        "id", "idx", "val", "rest", "mc_stderr"}
+        "id", "idx", "val", "rest", "mc_stderr", *UNCERTAINTY}
     top1 = torch.from_numpy(stored_probs(full.numpy(), "topk", 1))
     assert torch.allclose(top1.sum(1), torch.ones(ROWS), atol=1e-5) and torch.equal(top1.argmax(1), full.argmax(1))
+
+
+def test_shards_store_each_rows_mc_uncertainty(good_labels, teacher_dir):
+    cfg, out = good_labels
+    assert read_manifest(out)["uncertainty"] == ["entropy", "expected_entropy", "mutual_info"]
+    teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
+    x = torch.from_numpy(load_split("synthetic", "train").x)
+    estimate = label_rows(teacher, x, torch.arange(ROWS), 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
+    expected = uncertainty(estimate.probs, estimate.expected_entropy)
+    table = pq.read_table(out / "train").sort_by("id")
+    for name in UNCERTAINTY:
+        assert table.schema.field(name).type == pa.float32()
+        assert np.allclose(table.column(name).to_numpy(), expected[name].numpy(), atol=1e-6), name
+    mi = table.column("mutual_info").to_numpy()
+    assert (mi >= 0).all() and mi.max() > 0.01 and np.allclose(
+        mi, np.maximum(table.column("entropy").to_numpy() - table.column("expected_entropy").to_numpy(), 0), atol=1e-6)
+
+
+def test_labels_without_uncertainty_columns_and_their_resume(ray_cluster, teacher_dir, tmp_path):
+    """label.uncertainty=false writes the columns of labels from before they existed; such a directory is
+    kept as it is, and the default config refuses it in one line that says how to keep it."""
+    plain = run_label(config(tmp_path, teacher_dir, "label.uncertainty=false"))
+    assert "uncertainty" not in read_manifest(plain)
+    assert set(pq.read_schema(plain / "train" / "part-00000.parquet").names) == {"id", "probs", "mc_stderr"}
+    assert verify_labels(plain, teacher_dir / "teacher" / "model.pt", 64, config(tmp_path, teacher_dir))["rows"] == 64
+    with pytest.raises(UserError, match=re.escape("(uncertainty): labels without the uncertainty columns: "
+                                                  "label.uncertainty=false keeps them, or choose another run_dir")):
+        run_label(config(tmp_path, teacher_dir))
+
+
+def test_verify_replays_the_uncertainty_columns(good_labels, teacher_dir, tmp_path):
+    cfg, out = good_labels
+    forged = copy_labels(out, tmp_path / "forged")  # probabilities intact, mutual information swapped between rows
+    manifest = json.loads((forged / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        path = forged / shard["file"]
+        table = pq.read_table(path)
+        mi = table.column("mutual_info").to_numpy()[::-1].copy()
+        write_shard(path, table.set_column(table.column_names.index("mutual_info"), "mutual_info", pa.array(mi)))
+        shard["sha256"] = file_sha256(path)
+    write_manifest(forged, manifest)
+    with pytest.raises(UserError, match=r"stored mutual_info differs from the replay by up to [0-9.e-]+ nats") as error:
+        verify_labels(forged, teacher_dir / "teacher" / "model.pt", 200, cfg)
+    assert "\n" not in str(error.value)
 
 
 def test_rebuild_topk_spreads_the_rest_evenly():

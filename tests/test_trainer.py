@@ -5,6 +5,7 @@ the tests of this module; each run takes ~30 s on 2 busy cores.
 """
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -12,17 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy.stats import spearmanr
 
 from dd_dist.config import load_config
 from dd_dist.core.data import run_split
 from dd_dist.core.mc import soft_target_kl, standard_probs
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
-from dd_dist.labels.format import load_soft_labels
+from dd_dist.labels.format import load_soft_labels, write_manifest
 from dd_dist.core.tasks import StudentTask, TeacherTask
-from dd_dist.train.driver import train
+from dd_dist.layout import RunDir
+from dd_dist.train.driver import checked_labels, train
 
 EPOCHS = 6
 
@@ -287,3 +291,29 @@ def test_the_deepspeed_engine_takes_the_plain_loops_steps(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 32 and result["max_grad_norm"] > 1  # clipping at 1 would have shown
     assert result["max_gap"] < 1e-5, result
+
+
+@pytest.mark.slow
+def test_a_student_with_an_uncertainty_head_trains_on_deepspeed(labels, run_dir):
+    cfg = config(run_dir, "distill.uncertainty=true", "cluster.num_workers=1", "distill.epochs=10",
+                 "distill.lr=0.05", "distill.lr_steps=[8]")
+    path, history = train(cfg, StudentTask)
+    model, spec = load_model(path)  # the export records the head and loads with weights_only=True
+    assert spec["uncertainty_head"] == {"hidden": 32} and history[-1]["loss"] < history[0]["loss"]
+    inputs, _ = augmented_inputs_and_labels(cfg, labels)
+    stored = pq.read_table(labels / "train").sort_by("id").column("mutual_info").to_numpy()
+    with torch.no_grad():
+        head = model(inputs, uncertainty=True)[1]
+    assert spearmanr(head.numpy(), stored).statistic > 0.5  # it learned the stored mutual information's ranking
+
+
+@pytest.mark.slow
+def test_an_uncertainty_head_needs_labels_with_the_mutual_info_column(labels, tmp_path):
+    cfg = config(tmp_path, "distill.uncertainty=true")
+    shutil.copytree(labels, RunDir(cfg).labels)
+    manifest = json.loads((RunDir(cfg).labels / "manifest.json").read_text())
+    del manifest["uncertainty"], manifest["digest"]
+    write_manifest(RunDir(cfg).labels, manifest)  # labels made with label.uncertainty=false
+    with pytest.raises(UserError, match="distill.uncertainty needs labels with the mutual_info column") as error:
+        checked_labels(cfg, run_split(cfg, "train"))
+    assert "\n" not in str(error.value)

@@ -13,7 +13,7 @@ import torch
 
 from dd_dist.config import Config, TrainConfig
 from dd_dist.core.data import Split, augment, run_split
-from dd_dist.core.mc import mc_probs
+from dd_dist.core.mc import mc_estimate, uncertainty
 from dd_dist.core.models import load_model, save_model
 from dd_dist.core.tasks import BatchFn, StudentTask, Task, TeacherTask
 from dd_dist.layout import RunDir
@@ -54,7 +54,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, n_rows: int, batch_fn: BatchFn
         total, seen, start = 0.0, 0, time.perf_counter()
         for ids in epoch_batches(np.arange(n_rows), cfg.batch_size, seed, epoch):
             inputs, targets = batch_fn(ids, epoch, step)
-            loss = task.loss(model(inputs), targets)
+            loss = task.loss(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -66,12 +66,15 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, n_rows: int, batch_fn: BatchFn
 
 
 def soft_labels_in_memory(cfg: Config, teacher: torch.nn.Module, split: Split) -> torch.Tensor:
-    """K-mask MC labels for the augmented training view, computed in this process."""
+    """K-mask MC labels for the augmented training view, computed in this process; with distill.uncertainty
+    the mutual information as one more column."""
     x, out = torch.from_numpy(split.x), []
     for start in range(0, len(split), cfg.label.batch_size):
         ids = torch.arange(start, min(start + cfg.label.batch_size, len(split)))
         inputs = augment(x[ids], ids, cfg.seed, 0, cfg.data.zero_p, cfg.data.flip_p)
-        out.append(mc_probs(teacher, inputs, ids, cfg.label.k, cfg.seed))
+        estimate = mc_estimate(teacher, inputs, ids, cfg.label.k, cfg.seed)
+        mutual_info = uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"].float()
+        out.append(torch.cat([estimate.probs, mutual_info[:, None]], 1) if cfg.distill.uncertainty else estimate.probs)
     return torch.cat(out)
 
 

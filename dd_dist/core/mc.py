@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,30 @@ from dd_dist.core.data import row_rng_seed
 
 
 ELEMENTWISE, CHANNELWISE = (nn.Dropout,), (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # the dropouts MC can seed
+
+
+class MCEstimate(NamedTuple):
+    """One MC estimate per row: the mean softmax (B, C), its standard error (largest class) (B,), the masks
+    used (B,) int64, and the mean over those masks of each mask's predictive entropy, E_k H[p_k] (B,)."""
+
+    probs: torch.Tensor
+    stderr: torch.Tensor
+    k: torch.Tensor
+    expected_entropy: torch.Tensor
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last dimension, 0 log 0 = 0."""
+    return torch.special.entr(probs).sum(-1)
+
+
+def uncertainty(probs: torch.Tensor, expected_entropy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The MC uncertainty of each row: predictive entropy H[mean], expected entropy E_k H[p_k], and their
+    difference, the mutual information between the prediction and the mask (>= 0 by Jensen; clipped at 0,
+    which only a control-variate mean can undercut)."""
+    predictive = entropy(probs.double())
+    return {"entropy": predictive, "expected_entropy": expected_entropy.double(),
+            "mutual_info": (predictive - expected_entropy.double()).clamp_min(0)}
 
 
 def dropout_layers(model: nn.Module) -> list[nn.Module]:
@@ -224,14 +249,21 @@ def widest_activation(modules, h1: torch.Tensor) -> int:
 
 def mc_probs(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int,
              return_stderr: bool = False, max_elems: int = 2**22):
-    """MC dropout: the mean over k masks of the softmax probabilities (never of the logits), (B, C).
+    """MC dropout: the mean over k masks of the softmax probabilities (never of the logits), (B, C);
+    with return_stderr also each row's MC standard error (see mc_estimate)."""
+    estimate = mc_estimate(model, x, row_ids, k, seed, max_elems)
+    return (estimate.probs, estimate.stderr) if return_stderr else estimate.probs
 
-    With return_stderr also each row's MC standard error: max over classes of std_k(prob) / sqrt(k)
-    (unbiased std; 0 when k == 1). Any nn.Module whose dropouts are nn.Dropout / nn.Dropout2d modules
-    (MaskedModel); in a flat nn.Sequential the modules before the first dropout run once per input (prefix
-    sharing). The rest runs on rows x k samples at once, in chunks of rows with k * rows * (largest
-    activation) <= max_elems (at least one row), so tensors stay cache-sized and the allocator reuses
-    them. A row's k samples always run together, so chunking does not change the result.
+
+def mc_estimate(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int, max_elems: int = 2**22) -> MCEstimate:
+    """MC dropout with k masks per row: the mean softmax, its standard error (max over classes of
+    std_k(prob) / sqrt(k), unbiased std; 0 when k == 1) and the expected entropy E_k H[p_k].
+
+    Any nn.Module whose dropouts are nn.Dropout / nn.Dropout2d modules (MaskedModel); in a flat
+    nn.Sequential the modules before the first dropout run once per input (prefix sharing). The rest
+    runs on rows x k samples at once, in chunks of rows with k * rows * (largest activation) <= max_elems
+    (at least one row), so tensors stay cache-sized and the allocator reuses them. A row's k samples
+    always run together, so chunking does not change the result.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -240,12 +272,12 @@ def mc_probs(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int,
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} row ids for {len(x)} inputs")
     net = MaskedModel(model)
-    means, errors = [], []
+    means, errors, entropies = [], [], []
     with torch.inference_mode():
         h = net.shared(x)
         if not ids:  # an empty batch: nothing to sample, but the caller still gets (0, C)
             out = net.plain(h)
-            return (out, out[:, 0]) if return_stderr else out
+            return MCEstimate(out, out[:, 0], torch.zeros(0, dtype=torch.int64), out[:, 0])
         chunk = max(1, max_elems // (k * net.widest(h[:1])))
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
@@ -253,11 +285,11 @@ def mc_probs(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int,
             logits = net.run(h[start : start + chunk], masks, k)
             probs = F.softmax(logits, dim=1).view(len(rows), k, -1)
             means.append(probs.mean(1))
-            if return_stderr:
-                spread = probs.std(1).amax(1) if k > 1 else probs.new_zeros(len(rows))
-                errors.append(spread / math.sqrt(k))
+            spread = probs.std(1).amax(1) if k > 1 else probs.new_zeros(len(rows))
+            errors.append(spread / math.sqrt(k))
+            entropies.append(entropy(probs).mean(1))
     mean = torch.cat(means)
-    return (mean, torch.cat(errors)) if return_stderr else mean
+    return MCEstimate(mean, torch.cat(errors), torch.full((len(mean),), k, dtype=torch.int64), torch.cat(entropies))
 
 
 def mc_probs_naive(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int) -> torch.Tensor:

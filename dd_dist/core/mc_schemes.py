@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.core.data import row_rng_seed
-from dd_dist.core.mc import MaskedModel, dropout_layers, keep_masks, mc_probs, run_masked
+from dd_dist.core.mc import MCEstimate, MaskedModel, dropout_layers, entropy, keep_masks, mc_estimate, run_masked
 from dd_dist.schemes import MCScheme
 
 AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate
@@ -93,14 +93,15 @@ def check_model(model: nn.Module, scheme: MCScheme) -> None:
 
 
 def mc_label(model: nn.Module, x: torch.Tensor, row_ids, seed: int, scheme: MCScheme,
-             max_elems: int = 2**22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probs (B, C), stderr (B,), k_used (B,) int64) of the scheme; the plain scheme is mc_probs exactly.
+             max_elems: int = 2**22) -> MCEstimate:
+    """The scheme's estimate per row; the plain scheme is mc_estimate exactly.
 
     stderr is the largest class's standard error of the estimate, from the spread of its units
-    (0 where a stream has fewer than two units to tell it)."""
+    (0 where a stream has fewer than two units to tell it). The expected entropy is averaged exactly as
+    the probabilities are (over pairs, leaves and streams), from each sample's own softmax: under the
+    control variate too, which corrects the mean only."""
     if scheme.plain:
-        probs, stderr = mc_probs(model, x, row_ids, scheme.k, seed, return_stderr=True, max_elems=max_elems)
-        return probs, stderr, torch.full((len(probs),), scheme.k, dtype=torch.int64)
+        return mc_estimate(model, x, row_ids, scheme.k, seed, max_elems)
     model.eval()
     ids = torch.as_tensor(row_ids).tolist()
     if len(ids) != len(x):
@@ -110,19 +111,21 @@ def mc_label(model: nn.Module, x: torch.Tensor, row_ids, seed: int, scheme: MCSc
         h = sampler.net.shared(x)
         if not ids:
             out = sampler.net.plain(h)
-            return out, out[:, 0], torch.zeros(0, dtype=torch.int64)
+            return MCEstimate(out, out[:, 0], torch.zeros(0, dtype=torch.int64), out[:, 0])
         sampler.size(h[:1])
         mean, var, units = (_adaptive if scheme.adaptive else _fixed)(sampler, h, ids, scheme)
-        stderr = var.sqrt().amax(1)
+        (mean, expected_entropy), stderr = mean.split([mean.shape[1] - 1, 1], 1), var[:, :-1].sqrt().amax(1)
         if scheme.control_variate:  # y = f - g can dip below 0 for a class after an extreme mask; a label cannot
             mean = mean.clamp_min(0)
             mean /= mean.sum(1, keepdim=True)
-    return mean.to(x.dtype), stderr.to(x.dtype), units * scheme.unit
+    return MCEstimate(mean.to(x.dtype), stderr.to(x.dtype), units * scheme.unit, expected_entropy[:, 0].to(x.dtype))
 
 
 class _Sampler:
-    """Unit values y of rows, (rows, units, C) float64: the softmax f, minus the control variate g with
-    the control variate, averaged over each antithetic pair with antithetic masks."""
+    """Unit values y of rows, (rows, units, C + 1) float64: the softmax f, minus the control variate g with
+    the control variate, and then the entropy H[f] of that sample, each averaged over the unit's samples
+    (an antithetic pair, a mask tree's leaves). Carrying H[f] as one more column lets every estimator
+    (_fixed, _adaptive) average it exactly as it averages the probabilities."""
 
     def __init__(self, net: MaskedModel, scheme: MCScheme, seed: int, max_elems: int):
         self.net, self.scheme, self.seed, self.max_elems = net, scheme, seed, max_elems
@@ -161,7 +164,7 @@ class _Sampler:
             masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
                                                    self.scheme.antithetic)
             if not self.scheme.control_variate:
-                y = F.softmax(self.net.run(h[start : start + chunk], masks, k), 1)
+                f = y = F.softmax(self.net.run(h[start : start + chunk], masks, k), 1)
             else:
                 pre = run_masked(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
                 if self.last_layer:  # the last layer's own branches of each sample above it
@@ -171,7 +174,9 @@ class _Sampler:
                 zbar = self.tail(pre)  # E[z | the other masks]: the tail is affine
                 sbar, d = F.softmax(zbar, 1), z - zbar
                 g = sbar * (d - (sbar * d).sum(1, keepdim=True))  # J(zbar) (z - zbar), J = diag(s) - s s^T
-                y = F.softmax(z, 1) - g
+                f = F.softmax(z, 1)
+                y = f - g
+            y = torch.cat([y, entropy(f).unsqueeze(1)], 1)
             ys.append(y.double().view(len(rows), units, unit * leaves, -1).mean(2))
         return torch.cat(ys)
 
@@ -203,7 +208,7 @@ def _adaptive(sample: _Sampler, h, ids, scheme: MCScheme):
     sums = [_sums(y) for y in pilots]
     # stream s's size, planned from the other stream's pilot: n units of variance v give the two halves
     # together a variance (v / n_A + v / n_B) / 4 = v / (2 n) when n_A = n_B = n
-    spread = [pilots[1 - s].var(1).amax(1) for s in (0, 1)]
+    spread = [pilots[1 - s][..., :-1].var(1).amax(1) for s in (0, 1)]  # the classes, not the entropy column
     n = [torch.ceil(v / (2 * scheme.stderr_target**2) / step).clamp(1, most // step).long() * step for v in spread]
     for round_ in range(1, most // step):
         for s in (0, 1):

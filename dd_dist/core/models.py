@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import dropout_layers, mc_probs
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, file_sha256  # noqa: F401  (file_sha256: part of this module's API)
@@ -118,16 +119,31 @@ def is_factory(arch: str) -> bool:
     return ":" in arch
 
 
-def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1.0, kwargs: dict | None = None) -> dict:
+def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1.0, kwargs: dict | None = None,
+               uncertainty_head: dict | None = None) -> dict:
     """The plain-data description stored in checkpoints: build_model(**spec) rebuilds the net. A factory's
-    spec also holds its kwargs (plain data, so the checkpoint still loads with weights_only=True)."""
+    spec also holds its kwargs, a student with an uncertainty head the head's settings (plain data, so the
+    checkpoint still loads with weights_only=True)."""
     spec = {"arch": arch, "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes),
             "p": float(p), "width": float(width)}
-    return {**spec, "kwargs": dict(kwargs or {})} if is_factory(arch) else spec
+    if is_factory(arch):
+        spec["kwargs"] = dict(kwargs or {})
+    return {**spec, "uncertainty_head": dict(uncertainty_head)} if uncertainty_head else spec
 
 
 def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: float = 1.0,
-                kwargs: dict | None = None) -> nn.Module:
+                kwargs: dict | None = None, uncertainty_head: dict | None = None) -> nn.Module:
+    """The net of a spec; with uncertainty_head ({"hidden": units}) wrapped in an UncertaintyStudent."""
+    net = _build_net(arch, in_shape, num_classes, p, width, kwargs)
+    if not uncertainty_head:
+        return net
+    try:
+        return UncertaintyStudent(net, **uncertainty_head)
+    except ValueError as e:
+        raise UserError(f"model {arch}: {e}") from None
+
+
+def _build_net(arch: str, in_shape, num_classes: int, p: float, width: float, kwargs: dict | None) -> nn.Module:
     if is_factory(arch):
         return from_factory(arch, in_shape, num_classes, p, width, kwargs or {})
     if arch not in ARCHS:

@@ -8,7 +8,10 @@ build a stage the same way, from the config and the training split:
                   augmented view at epoch 0; online (the paper's Algorithm 2), a fresh augmentation and
                   ONE teacher mask per example and step
 
-A batch function `batches(ids, epoch, step) -> (inputs, targets)` gives the rows of one step.
+A batch function `batches(ids, epoch, step) -> (inputs, targets)` gives the rows of one step, and the
+task's `loss(model, inputs, targets)` runs the model (a module, or the DeepSpeed engine around it) on
+them. A student with an uncertainty head (distill.uncertainty) has targets of C + 1 columns: the soft
+label and the row's mutual information.
 """
 from __future__ import annotations
 
@@ -22,12 +25,15 @@ from torch import nn
 
 from dd_dist.config import Config, DistillConfig, TrainConfig
 from dd_dist.core.data import Split, augment
+from dd_dist.core.heads import HIDDEN, UncertaintyStudent, uncertainty_loss
 from dd_dist.core.mc import dropout_layers, online_targets, soft_target_kl
 from dd_dist.core.models import build_model, check_for_mc, init_student_from_teacher, load_model, model_spec
 from dd_dist.layout import RunDir
 
 BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
-SoftLabels = tuple[torch.Tensor, torch.Tensor]  # (row ids, float32 distributions (rows, classes))
+# (row ids, float32 targets (rows, classes)): the soft labels, with the mutual information as one more column
+# for a student with an uncertainty head
+SoftLabels = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -56,11 +62,11 @@ def build_teacher(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
 
 def build_student(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
     """The student: distill.arch with distill.kwargs where set (a net of another family), else model.arch;
-    at distill.width either way."""
+    at distill.width either way; wrapped in an UncertaintyStudent with distill.uncertainty."""
     d = cfg.distill
-    if d.arch is None:
-        return build_for(cfg, split, d.width)
-    spec = model_spec(d.arch, split.in_shape, split.num_classes, cfg.model.p, d.width, d.kwargs)
+    arch, kwargs = (cfg.model.arch, cfg.model.kwargs) if d.arch is None else (d.arch, d.kwargs)
+    head = {"hidden": HIDDEN} if d.uncertainty else None
+    spec = model_spec(arch, split.in_shape, split.num_classes, cfg.model.p, d.width, kwargs, head)
     return build_model(**spec), spec
 
 
@@ -97,8 +103,8 @@ class TeacherTask:
         return cfg.teacher
 
     @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+    def loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(inputs).float(), labels)
 
     @staticmethod
     def train_mode(model: nn.Module, opt: TrainConfig) -> None:
@@ -122,8 +128,14 @@ class StudentTask:
         return cfg.distill
 
     @staticmethod
-    def loss(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-        return soft_target_kl(logits, target_probs)
+    def loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """KL to the soft labels; with an uncertainty head plus its weighted regression on the mutual information."""
+        student = getattr(model, "module", model)  # a DeepSpeed engine's module
+        if not isinstance(student, UncertaintyStudent):
+            return soft_target_kl(model(inputs).float(), targets)
+        logits, mutual_info = model(inputs, uncertainty=True)
+        return (soft_target_kl(logits.float(), targets[:, :-1])
+                + student.loss_weight * uncertainty_loss(mutual_info.float(), targets[:, -1]))
 
     @staticmethod
     def train_mode(model: nn.Module, opt: TrainConfig) -> None:
@@ -143,14 +155,19 @@ class StudentTask:
         teacher, _ = load_model(RunDir(cfg).teacher)
         model, spec = build_student(cfg, split)
         if cfg.distill.init == "teacher":
-            init_student_from_teacher(model, teacher)
+            init_student_from_teacher(model.net if isinstance(model, UncertaintyStudent) else model, teacher)
+        if isinstance(model, UncertaintyStudent):
+            model.loss_weight = cfg.distill.uncertainty_weight
         zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p
         if cfg.distill.mode == "online":
             batches = online_batches(split, teacher, cfg.seed, zero_p, flip_p)
             return Setup(model, spec, batches, np.arange(len(split)), split.fingerprint)
-        ids, probs = labels
-        soft = torch.zeros(len(split), split.num_classes)
-        soft[ids] = probs
+        ids, targets = labels
+        want = split.num_classes + cfg.distill.uncertainty
+        if targets.shape[1] != want:
+            raise ValueError(f"distill targets have {targets.shape[1]} columns, the student needs {want}")
+        soft = torch.zeros(len(split), want)
+        soft[ids] = targets
         # The inputs the labels were computed on: augmentation epoch 0 with the labels' own seed.
         seed = cfg.seed if label_seed is None else label_seed
         return Setup(model, spec, offline_batches(split, soft, seed, zero_p, flip_p), np.sort(ids.numpy()),

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dd_dist.config import Config
 from dd_dist.core.data import augment, load_split
+from dd_dist.core.mc import MCEstimate, uncertainty
 from dd_dist.core.mc_schemes import mc_label
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
@@ -28,29 +29,39 @@ from dd_dist.schemes import MCScheme
 ACTOR_START_TIMEOUT_S = 600  # an autoscaling cluster may need minutes to add the nodes the actors need
 
 
-def label_rows(model, x: torch.Tensor, ids: torch.Tensor, k: int | MCScheme, seed: int, zero_p: float, flip_p: float,
-               return_k: bool = False):
-    """(probs (B, C), mc_stderr (B,)) of rows `ids` of x: the augmented view at epoch 0, K masks (the
-    plain mean) or an MCScheme; with return_k also the masks each row used (B,)."""
+def label_rows(model, x: torch.Tensor, ids: torch.Tensor, k: int | MCScheme, seed: int, zero_p: float,
+               flip_p: float) -> MCEstimate:
+    """The MC estimate (on the CPU) of rows `ids` of x: the augmented view at epoch 0, K masks (the
+    plain mean) or an MCScheme."""
     inputs = augment(x[ids], ids, seed, 0, zero_p, flip_p)
     device = next(model.parameters()).device
     scheme = k if isinstance(k, MCScheme) else MCScheme(k=k)
-    probs, stderr, used = mc_label(model, inputs.to(device), ids, seed, scheme)
-    out = probs.cpu().numpy(), stderr.cpu().numpy()
-    return (*out, used.cpu().numpy()) if return_k else out
+    return MCEstimate(*(t.cpu() for t in mc_label(model, inputs.to(device), ids, seed, scheme)))
+
+
+def shard_table(ids: np.ndarray, estimate: MCEstimate, dtype: str, topk: int, store_k: bool,
+                store_uncertainty: bool):
+    """The shard of these rows: their labels in `dtype`, with `k` and the uncertainty columns if asked for."""
+    columns = None
+    if store_uncertainty:
+        columns = {name: value.numpy() for name, value in uncertainty(estimate.probs, estimate.expected_entropy).items()}
+    return label_table(ids, estimate.probs.numpy(), estimate.stderr.numpy(), dtype, topk,
+                       estimate.k.numpy() if store_k else None, columns)
 
 
 class ShardLabeller:
     """A Ray actor: labels whole shards and writes them (callable class for map_batches)."""
 
     def __init__(self, teacher: str, data: dict, scheme: MCScheme, seed: int, zero_p: float, flip_p: float,
-                 dtype: str, topk: int, out: str, threads: int, batch_size: int, device: str = "cpu"):
+                 dtype: str, topk: int, out: str, threads: int, batch_size: int, uncertainty: bool,
+                 device: str = "cpu"):
         torch.set_num_threads(threads)
         self.model = load_model(teacher)[0].to(device)
         self.x = torch.from_numpy(load_split(**data).x)  # load_split is cached per process
-        self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p, return_k=True)
-        self.store_k = scheme.adaptive  # a fixed K is in the manifest; an adaptive one per row in the shards
-        self.dtype, self.topk, self.out, self.batch_size = dtype, topk, Path(out), batch_size
+        self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p)
+        # a fixed K is in the manifest; an adaptive one per row in the shards
+        self.storage = dict(dtype=dtype, topk=topk, store_k=scheme.adaptive, store_uncertainty=uncertainty)
+        self.out, self.batch_size = Path(out), batch_size
 
     def __call__(self, batch: dict) -> dict:
         done = {"shard": [], "rows": [], "started": [], "finished": [], "pid": []}
@@ -58,9 +69,8 @@ class ShardLabeller:
             started = time.time()
             parts = [label_rows(self.model, self.x, torch.arange(a, min(a + self.batch_size, stop)), **self.mc)
                      for a in range(start, stop, self.batch_size)]
-            probs, stderr, used = (np.concatenate(c) for c in zip(*parts))
-            write_shard(self.out / shard_name(shard), label_table(np.arange(start, stop), probs, stderr, self.dtype,
-                                                                  self.topk, used if self.store_k else None))
+            estimate = MCEstimate(*(torch.cat(c) for c in zip(*parts)))
+            write_shard(self.out / shard_name(shard), shard_table(np.arange(start, stop), estimate, **self.storage))
             for key, value in zip(done, (shard, stop - start, started, time.time(), os.getpid())):
                 done[key].append(value)
         return {key: np.asarray(value) for key, value in done.items()}
@@ -78,7 +88,7 @@ def label_shards(cfg: Config, todo: list[int], n: int, teacher_file: Path, out: 
     actor_args = dict(teacher=str(teacher_file.resolve()), out=str(out.resolve()), scheme=lab.scheme(), seed=cfg.seed,
                       data=RunDir(cfg).split("train"), zero_p=cfg.data.zero_p, flip_p=cfg.data.flip_p, dtype=lab.dtype,
                       topk=lab.topk, threads=lab.threads_per_actor, batch_size=lab.batch_size,
-                      device="cuda" if use_gpu else "cpu")
+                      uncertainty=lab.uncertainty, device="cuda" if use_gpu else "cpu")
     began = time.perf_counter()
     results = []
     with ray_session(cfg.cluster), tqdm(total=sum(i["stop"] - i["start"] for i in items), desc="label",

@@ -1,8 +1,11 @@
 """The soft-label shard format: the contract between `label` and `distill`, and the names inside a label directory.
 
 A label directory holds Parquet files `train/part-XXXXX.parquet` (shard s = row ids [s*R, (s+1)*R))
-with columns `id`, `probs` (float16/float32 lists) or top-k `idx`/`val`/`rest`, and `mc_stderr`,
-plus `manifest.json`, written last, with a digest of its own fields. The shards sit in a `train/` folder so that
+with columns `id`, `probs` (float16/float32 lists) or top-k `idx`/`val`/`rest`, and `mc_stderr`; `k`
+under adaptive K; and with label.uncertainty (the manifest's "uncertainty" lists them) the float32 MC
+uncertainty of the row, UNCERTAINTY: `entropy` H[mean], `expected_entropy` E_k H[p_k] and `mutual_info`,
+computed from the MC estimate before the storage dtype rounds it. Plus `manifest.json`, written last, with
+a digest of its own fields. The shards sit in a `train/` folder so that
 `datasets.load_dataset("parquet", data_dir=...)` reads the directory as is (it would otherwise
 try to read manifest.json as Parquet).
 """
@@ -25,6 +28,7 @@ FORMAT = "dd-dist-labels/1"
 COMPRESSION = "zstd"
 SHARDS = "train"  # the shards' folder: HF datasets names the split after it
 PENDING = ".pending.json"  # the settings of an unfinished run, so that a resume cannot mix settings
+UNCERTAINTY = ("entropy", "expected_entropy", "mutual_info")
 
 
 def shard_name(index: int) -> str:
@@ -39,9 +43,10 @@ def _lists(values: np.ndarray, arrow_type) -> pa.ListArray:
 
 
 def label_table(ids: np.ndarray, probs: np.ndarray, stderr: np.ndarray, dtype: str, topk: int,
-                k: np.ndarray | None = None) -> pa.Table:
+                k: np.ndarray | None = None, uncertainty: dict[str, np.ndarray] | None = None) -> pa.Table:
     """One shard's rows in the stored dtype; top-k keeps the k largest and the mass of the rest.
-    k: the MC masks each row used (adaptive K), stored as an int32 column `k`."""
+    k: the MC masks each row used (adaptive K), stored as an int32 column `k`; uncertainty: the
+    UNCERTAINTY columns, stored as float32."""
     columns = {"id": pa.array(ids.astype(np.int64))}
     if dtype == "topk":
         kept = min(topk, probs.shape[1])
@@ -56,6 +61,8 @@ def label_table(ids: np.ndarray, probs: np.ndarray, stderr: np.ndarray, dtype: s
     columns["mc_stderr"] = pa.array(stderr.astype(np.float32))
     if k is not None:
         columns["k"] = pa.array(np.asarray(k).astype(np.int32))
+    for name in UNCERTAINTY if uncertainty is not None else ():
+        columns[name] = pa.array(np.asarray(uncertainty[name]).astype(np.float32))
     return pa.table(columns)
 
 

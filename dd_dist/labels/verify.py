@@ -8,8 +8,8 @@ The replay recomputes the rows with the manifest's seed and K, and its MC scheme
 control variate, adaptive K: the manifest's "scheme" entry, the plain K-mask mean without one). A
 row's MC masks depend only on (seed, row id, layer, k) and the scheme, so the teacher gives back the
 same probabilities up to float rounding, and under adaptive K the same K per row, which must equal
-the shards' `k` column;
-stored in the manifest's format (float16 rounding, top-k rebuild) they must match the stored rows.
+the shards' `k` column, and the same uncertainty columns where the manifest lists them (within
+ENTROPY_TOLERANCE nats); stored in the manifest's format (float16 rounding, top-k rebuild) they must match the stored rows.
 Tolerance on the mean KL(stored || recomputed), both in the stored format: 1e-5. Float rounding of
 another batch composition or of a GPU (TF32 convolutions, ~1e-3 relative on logits) moves a
 probability p by at most ~1e-3 p, a KL of ~1e-6 per row, and a float16 value that the rounding
@@ -27,14 +27,18 @@ import torch
 
 from dd_dist.config import Config
 from dd_dist.core.data import load_split, run_split
+from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
 from dd_dist.labels.actors import label_rows
-from dd_dist.labels.format import check_labels_match, check_shards, read_manifest, read_shard, stored_probs
+from dd_dist.labels.format import UNCERTAINTY, check_labels_match, check_shards, read_manifest, read_shard, stored_probs
 from dd_dist.schemes import MCScheme
 
 KL_TOLERANCE = 1e-5
+# float32 entropies of a float rounding apart (another batch, a GPU): ~1e-3 relative on a probability moves an
+# entropy by ~1e-3 nats at most; another seed's MC noise moves a mutual information by ~(classes - 1) / (2K).
+ENTROPY_TOLERANCE = 2e-3
 
 
 def reference_split(manifest: dict, cfg: Config):
@@ -59,11 +63,11 @@ def check_teacher(manifest: dict, teacher_file: Path) -> torch.nn.Module:
     return teacher
 
 
-def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The stored distributions of sorted row ids, reading only the shards that hold them, and
-    their stored K (None when the shards have no `k` column: a fixed K, in the manifest)."""
+def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The stored distributions of sorted row ids, reading only the shards that hold them, and their
+    stored `k` and uncertainty columns, those the shards have (a fixed K is in the manifest only)."""
     out = np.zeros((len(ids), manifest["data"]["num_classes"]), np.float32)
-    k = np.full(len(ids), -1, np.int64)
+    columns: dict[str, np.ndarray] = {}
     for shard in manifest["shards"]:
         inside = (ids >= shard["first_id"]) & (ids < shard["first_id"] + shard["rows"])
         if inside.any():
@@ -71,9 +75,10 @@ def stored_rows(directory: Path, manifest: dict, ids: np.ndarray) -> tuple[np.nd
             shard_ids, probs = read_shard(path, out.shape[1])
             rows = np.searchsorted(shard_ids, ids[inside])
             out[inside] = probs[rows]
-            if "k" in pq.read_schema(path).names:
-                k[inside] = pq.read_table(path, columns=["k"]).column("k").to_numpy()[rows]
-    return out, (None if (k < 0).all() else k)
+            for name in {"k", *UNCERTAINTY} & set(pq.read_schema(path).names):
+                values = pq.read_table(path, columns=[name]).column(name).to_numpy()[rows]
+                columns.setdefault(name, np.zeros(len(ids), values.dtype))[inside] = values
+    return out, columns
 
 
 def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
@@ -88,14 +93,15 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
                        zero_p=aug["zero_p"], flip_p=aug["flip_p"])
 
     ids = np.sort(np.random.default_rng().choice(len(split), size=min(rows, len(split)), replace=False))
-    stored, stored_k = stored_rows(directory, manifest, ids)
-    stored = torch.from_numpy(stored).double()
+    stored, columns = stored_rows(directory, manifest, ids)
+    stored, stored_k = torch.from_numpy(stored).double(), columns.get("k")
     try:
         scheme = MCScheme.from_record(manifest.get("scheme"), manifest["k"])
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"the manifest's MC scheme {manifest.get('scheme')} is invalid: {e}") from None
-    fresh, _, fresh_k = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), scheme, manifest["seed"],
-                                   aug["zero_p"], aug["flip_p"], return_k=True)
+    estimate = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), scheme, manifest["seed"],
+                          aug["zero_p"], aug["flip_p"])
+    fresh, fresh_k = estimate.probs.numpy(), estimate.k.numpy()
     if scheme.adaptive and (stored_k is None or not np.array_equal(stored_k, fresh_k)):
         wrong = len(ids) if stored_k is None else int((stored_k != fresh_k).sum())
         raise UserError(f"labels disagree with the teacher: the stored K of {wrong} of {len(ids)} replayed rows "
@@ -106,4 +112,16 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
     if not kl <= KL_TOLERANCE:
         raise UserError(f"labels disagree with the teacher: mean KL {kl:.3g} over {len(ids)} replayed rows "
                         f"exceeds the tolerance {KL_TOLERANCE:g}")
+    _check_uncertainty(manifest, columns, uncertainty(estimate.probs, estimate.expected_entropy), len(ids))
     return {"rows": len(ids), "mean_kl": kl, "tolerance": KL_TOLERANCE}
+
+
+def _check_uncertainty(manifest: dict, stored: dict[str, np.ndarray], fresh: dict[str, torch.Tensor], rows: int) -> None:
+    """The manifest's uncertainty columns are in the shards and agree with the replay within ENTROPY_TOLERANCE."""
+    for name in manifest.get("uncertainty", []):
+        if name not in stored:
+            raise UserError(f"the manifest lists the column {name!r} but the shards lack it")
+        worst = float(np.abs(stored[name] - fresh[name].numpy()).max())
+        if not worst <= ENTROPY_TOLERANCE:
+            raise UserError(f"labels disagree with the teacher: stored {name} differs from the replay by up to "
+                            f"{worst:.3g} nats over {rows} replayed rows (tolerance {ENTROPY_TOLERANCE:g})")

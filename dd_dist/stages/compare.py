@@ -190,6 +190,10 @@ def markdown_report(experiment: str, evaluations: list[Evaluation]) -> str:
                          f"{v['images_per_s']:.0f} |")
         if "distilled" not in e.methods:
             lines += ["", "no distilled student in this run"]
+        elif e.value("distilled", "uncertainty_spearman") is not None:
+            lines += ["", f"uncertainty head against MC's mutual information (largest K): Spearman "
+                          f"{e.value('distilled', 'uncertainty_spearman'):.3f}, mean absolute error "
+                          f"{e.value('distilled', 'uncertainty_mae'):.4f} nats"]
     return "\n".join(lines)
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from dd_dist.config import Config
 from dd_dist.core.data import Split, row_rng_seed, run_split
-from dd_dist.core.mc import mc_probs, standard_probs
+from dd_dist.core.heads import UncertaintyStudent
+from dd_dist.core.mc import mc_estimate, mc_probs, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
@@ -67,6 +69,8 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
             if student is not None:
                 results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1,
                                                          bar, timings=e.repeats)
+                if isinstance(student, UncertaintyStudent) and e.ks:
+                    results["methods"]["distilled"]["uncertainty"] = head_agreement(student, teacher, split, cfg)
             else:
                 results["notes"].append(f"no student at {run.student}: distilled skipped")
         write_json(run.results, results)
@@ -79,6 +83,10 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
         if run_id:
             _log_method_runs(tracker, cfg, results, run_id, pipeline_run_id)
     print(format_table(results))
+    agreement = results["methods"].get("distilled", {}).get("uncertainty")
+    if agreement:
+        print(f"uncertainty head vs {agreement['reference']} mutual information: Spearman {agreement['spearman']:.3f}, "
+              f"MAE {agreement['mae']:.4f} nats (means {agreement['head_mean']:.4f} vs {agreement['reference_mean']:.4f})")
     for note in results["notes"]:
         print(f"note: {note}")
     return results
@@ -90,7 +98,26 @@ def method_metrics(m: dict) -> dict[str, float]:
     out = {key: m[f"{key}_mean"] if mc else m[key] for key in (*QUALITY, *SPEED)}
     out.update({f"{key}_std": m[f"{key}_std"] if mc else 0.0 for key in QUALITY})
     out.update(latency_ms_std=m["latency_ms_std"], forward_passes=m["forward_passes"])
+    if "uncertainty" in m:  # a student's uncertainty head against MC's mutual information
+        out.update({f"uncertainty_{key}": m["uncertainty"][key] for key in ("spearman", "mae")})
     return out
+
+
+def head_agreement(student: UncertaintyStudent, teacher, split: Split, cfg: Config) -> dict:
+    """The student head's mutual information on the test split against MC's at the largest K of eval.ks
+    (the masks of its first seed): Spearman rank correlation and mean absolute error in nats."""
+    k, seed, size = max(cfg.eval.ks), row_rng_seed(cfg.seed, EVAL_SEED_SALT, 0), cfg.eval.batch_size
+    x, ids, head, reference = torch.from_numpy(split.x), torch.arange(len(split)), [], []
+    with torch.inference_mode():
+        for start in range(0, len(split), size):
+            rows = slice(start, start + size)
+            head.append(student(x[rows], uncertainty=True)[1].double())
+            estimate = mc_estimate(teacher, x[rows], ids[rows], k, seed)
+            reference.append(uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"])
+    head, reference = torch.cat(head), torch.cat(reference)
+    return {"reference": f"mc-{k}", "spearman": float(spearmanr(head, reference).statistic),
+            "mae": float((head - reference).abs().mean()), "head_mean": float(head.mean()),
+            "reference_mean": float(reference.mean())}
 
 
 def _log_method_runs(tracker: Tracker, cfg: Config, results: dict, evaluate_run_id: str,

@@ -24,7 +24,8 @@ from dd_dist.files import file_sha256, write_json
 from dd_dist.infra.cluster import check_resources, ray_session
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.actors import label_shards
-from dd_dist.labels.format import FORMAT, MANIFEST, PENDING, SHARDS, read_manifest, shard_name, write_manifest
+from dd_dist.labels.format import (FORMAT, MANIFEST, PENDING, SHARDS, UNCERTAINTY, read_manifest, shard_name,
+                                   write_manifest)
 from dd_dist.layout import RunDir
 
 
@@ -50,6 +51,8 @@ def label_settings(cfg: Config, teacher_file: Path, spec: dict, split: Split) ->
         "p": spec["p"], "k": lab.k, "seed": cfg.seed,
         # the plain K-mask mean has no entry (so labels from before schemes existed still resume)
         **({} if scheme.plain else {"scheme": scheme.record()}),
+        # the columns of each row's MC uncertainty; none in labels from before they existed
+        **({"uncertainty": list(UNCERTAINTY)} if lab.uncertainty else {}),
         "augmentation": {"zero_p": cfg.data.zero_p, "flip_p": cfg.data.flip_p, "epoch": 0},
         "data": {"name": split.name, "split": split.split, "fingerprint": split.fingerprint,
                  "rows": len(split), "num_classes": split.num_classes},
@@ -80,11 +83,14 @@ def _check_resume(out: Path, settings: dict) -> bool:
         path = out / name
         if path.is_file():
             previous = read_manifest(out) if name == MANIFEST else json.loads(path.read_text())
-            previous = {key: previous.get(key) for key in settings}
-            if previous != settings:
-                changed = sorted(key for key in settings if previous.get(key) != settings[key])
+            # "uncertainty" is compared even where one side lacks it (labels from before the columns existed)
+            previous = {key: previous.get(key) for key in {*settings, "uncertainty"}}
+            if previous != {"uncertainty": None, **settings}:
+                changed = sorted(key for key in previous if previous[key] != settings.get(key))
+                older = changed == ["uncertainty"] and previous["uncertainty"] is None
                 raise UserError(f"{out} holds labels made with other settings ({', '.join(changed)}): "
-                                f"choose another run_dir or delete it")
+                                + ("labels without the uncertainty columns: label.uncertainty=false keeps them, or "
+                                   if older else "") + "choose another run_dir or delete it")
             if name == MANIFEST:
                 return True
     return False

@@ -136,5 +136,8 @@ def checked_labels(cfg: Config, split: Split) -> tuple[Path, int]:
                        zero_p=cfg.data.zero_p, flip_p=cfg.data.flip_p)
     if manifest["rows"] != len(split):
         raise UserError(f"labels in {labels} cover {manifest['rows']} rows, the training split has {len(split)}")
+    if cfg.distill.uncertainty and "mutual_info" not in manifest.get("uncertainty", []):
+        raise UserError(f"distill.uncertainty needs labels with the mutual_info column; {labels} has none: "
+                        f"label again with label.uncertainty=true into a fresh run_dir")
     check_shards(labels, manifest)
     return labels, int(manifest["seed"])

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,7 +42,9 @@ def train_worker(config: dict) -> None:
     nodes = [None] * world  # where each rank runs, for the history
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     split = run_split(cfg, "train")  # cached per process
-    labels = _read_labels(ray.train.get_dataset_shard("labels"), split.num_classes) if config["labels"] else None
+    labels = None
+    if config["labels"]:
+        labels = _read_labels(ray.train.get_dataset_shard("labels"), split.num_classes, cfg.distill.uncertainty)
     setup = task.setup(cfg, split, labels, config["label_seed"])
     engine, optimizer = _engine(setup.model, opt, config["ds"], world)
 
@@ -71,7 +74,7 @@ def train_worker(config: dict) -> None:
                 continue
             mine = batch[rank::world]
             inputs, targets = setup.batches(mine, epoch, step)
-            loss = task.loss(engine(inputs.to(device, dtype)).float(), targets.to(device))
+            loss = task.loss(engine, inputs.to(device, dtype), targets.to(device))
             # DeepSpeed averages gradients over ranks; weighting by this rank's share of the batch
             # makes that the mean over the global batch even when the slices differ in size.
             engine.backward(loss * (len(mine) * world / len(batch)))
@@ -143,10 +146,14 @@ def _epoch_logger(cfg: Config, rank: int, tracking: dict):
     return log
 
 
-def _read_labels(shard, num_classes: int) -> SoftLabels:
-    """Every row of the label shards, read through Ray Data, as float32 distributions."""
-    ids, probs = [], []
+def _read_labels(shard, num_classes: int, mutual_info: bool) -> SoftLabels:
+    """Every row of the label shards, read through Ray Data, as float32 distributions; with mutual_info
+    the shards' mutual_info column appended (the uncertainty head's target)."""
+    ids, targets = [], []
     for table in shard.iter_batches(batch_size=8192, batch_format="pyarrow"):
         ids.append(torch.from_numpy(table.column("id").to_numpy()))
-        probs.append(torch.from_numpy(table_probs(table, num_classes)))
-    return torch.cat(ids), torch.cat(probs)
+        columns = [table_probs(table, num_classes)]
+        if mutual_info:
+            columns.append(table.column("mutual_info").to_numpy().astype(np.float32)[:, None])
+        targets.append(torch.from_numpy(np.concatenate(columns, 1)))
+    return torch.cat(ids), torch.cat(targets)
