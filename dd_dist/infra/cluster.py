@@ -29,6 +29,11 @@ LOCAL_ENV = {**WORKER_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAI
              "PATH": venv_path()}
 
 
+def cluster_address(cfg: ClusterConfig, environ=os.environ) -> str | None:
+    """The existing cluster to join: cluster.address, else RAY_ADDRESS; None for a local Ray."""
+    return cfg.address or environ.get("RAY_ADDRESS") or None
+
+
 def default_auth(cfg: ClusterConfig, environ=os.environ) -> None:
     """Token auth for the local Ray the CLI starts, unless the user chose a mode or a cluster.
 
@@ -36,7 +41,7 @@ def default_auth(cfg: ClusterConfig, environ=os.environ) -> None:
     narrow them, so a stranger on the network could otherwise run code in it; with a token
     (~/.ray/auth_token, made by Ray on first use) it is refused. Ray reads the mode once per process,
     so this must run before the first `import ray`. An existing cluster keeps its own mode."""
-    if not (cfg.address or environ.get("RAY_ADDRESS")):
+    if not cluster_address(cfg, environ):
         environ.setdefault("RAY_AUTH_MODE", "token")
 
 
@@ -48,7 +53,7 @@ def ray_session(cfg: ClusterConfig):
     if ray.is_initialized():
         yield
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         # A submitted job already carries its runtime env (make submit sets the same variables).
         ray.init(address=address)
@@ -72,7 +77,7 @@ def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpu:
     initialised. On an existing cluster the autoscaler may add nodes: there the wait goes on."""
     import ray  # heavy: called inside ray_session only
 
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
+    if cluster_address(cfg):
         return
     have = ray.cluster_resources()
     need = {"CPU": count * cpus, "GPU": count * gpu}
