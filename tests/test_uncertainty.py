@@ -3,6 +3,7 @@ unbiased estimate of the exact E_sigma H[softmax(f_sigma(x))], enumerated over a
 the predictive entropy and mutual information converge to the exact ones as K grows."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,10 @@ from dd_dist.core.data import row_rng_seed, run_split  # noqa: E402
 from dd_dist.core.heads import UncertaintyStudent  # noqa: E402
 from dd_dist.core.loop import train_student, train_teacher  # noqa: E402
 from dd_dist.core.models import build_model, load_model, model_spec, save_model  # noqa: E402
+from dd_dist.labels.format import label_table  # noqa: E402
 from dd_dist.layout import RunDir  # noqa: E402
 from dd_dist.stages.evaluate import EVAL_SEED_SALT, evaluate  # noqa: E402
+from dd_dist.train.worker import _read_labels  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 
@@ -141,3 +144,21 @@ def test_head_mistakes_are_one_line(tmp_path, capsys):
                  f"run_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "uncertainty=true needs mode=offline" in err and "\n" not in err
+
+
+def test_a_head_reads_the_mutual_info_beside_top_k_labels():
+    """Top-k storage keeps the uncertainty columns whole: the head's targets are the rebuilt top-k
+    distribution and the stored mutual information."""
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    columns = {"entropy": np.array([0.8, 0.64]), "expected_entropy": np.array([0.5, 0.6]),
+               "mutual_info": np.array([0.3, 0.04])}
+    table = label_table(np.array([4, 9]), probs, np.zeros(2), "topk", 2, uncertainty=columns)
+
+    class Shard:  # what ray.train.get_dataset_shard gives, reduced to the one call the worker makes
+        def iter_batches(self, **kwargs):
+            return [table]
+
+    ids, targets = _read_labels(Shard(), 3, mutual_info=True)
+    assert ids.tolist() == [4, 9] and targets.shape == (2, 4)
+    assert torch.allclose(targets[:, -1], torch.tensor([0.3, 0.04]))
+    assert torch.allclose(targets[0, :3], torch.tensor([0.7, 0.2, 0.1])) and torch.allclose(targets[:, :3].sum(1), torch.ones(2))
