@@ -26,7 +26,7 @@ from dd_dist.labels.actors import label_rows
 from dd_dist.labels.format import (UNCERTAINTY, label_table, load_soft_labels, read_manifest, read_shard,
                                    rebuild_topk, stored_probs, write_manifest, write_shard)
 from dd_dist.labels.verify import verify_labels
-from dd_dist.stages.label import run_label
+from dd_dist.stages.label import _check_resume, run_label
 
 pytestmark = pytest.mark.slow
 BASE = ["data.name=synthetic", "model.arch=mlp", "teacher.epochs=2", "teacher.lr=0.05", "teacher.lr_steps=[1]",
@@ -256,6 +256,16 @@ def test_verify_replays_the_uncertainty_columns(good_labels, teacher_dir, tmp_pa
     with pytest.raises(UserError, match=r"stored mutual_info differs from the replay by up to [0-9.e-]+ nats") as error:
         verify_labels(forged, teacher_dir / "teacher" / "model.pt", 200, cfg)
     assert "\n" not in str(error.value)
+
+
+def test_an_unfinished_run_of_another_scheme_is_not_resumed_with_the_plain_mean(good_labels, tmp_path):
+    """A setting absent at its default (the plain K-mask mean has no "scheme") still differs from a run that had it."""
+    cfg, out = good_labels
+    settings = read_manifest(out)
+    pending = {key: settings[key] for key in settings if key not in ("shards", "version", "created", "digest")}
+    (tmp_path / ".pending.json").write_text(json.dumps({**pending, "scheme": {"antithetic": True}}))
+    with pytest.raises(UserError, match=re.escape("other settings (scheme): choose another run_dir")):
+        _check_resume(tmp_path, pending)
 
 
 def test_rebuild_topk_spreads_the_rest_evenly():

@@ -42,6 +42,9 @@ def run(cfg: Config, parent: str | None = None) -> Path:
     return out
 
 
+OPTIONAL = ("scheme", "uncertainty")  # label settings absent at their default (as in labels from before them)
+
+
 def label_settings(cfg: Config, teacher_file: Path, spec: dict, split: Split) -> dict:
     """Everything the labels depend on; a resume must find exactly these."""
     lab, scheme = cfg.label, cfg.label.scheme()
@@ -83,9 +86,9 @@ def _check_resume(out: Path, settings: dict) -> bool:
         path = out / name
         if path.is_file():
             previous = read_manifest(out) if name == MANIFEST else json.loads(path.read_text())
-            # "uncertainty" is compared even where one side lacks it (labels from before the columns existed)
-            previous = {key: previous.get(key) for key in {*settings, "uncertainty"}}
-            if previous != {"uncertainty": None, **settings}:
+            # an entry absent at its default is compared too, where only one side has it
+            previous = {key: previous.get(key) for key in {*settings, *OPTIONAL}}
+            if previous != {**dict.fromkeys(OPTIONAL), **settings}:
                 changed = sorted(key for key in previous if previous[key] != settings.get(key))
                 older = changed == ["uncertainty"] and previous["uncertainty"] is None
                 raise UserError(f"{out} holds labels made with other settings ({', '.join(changed)}): "
