@@ -11,7 +11,7 @@ import torch
 from dd_dist.cli import main
 from dd_dist.config import load_config
 from dd_dist.core.data import row_rng_seed, run_split
-from dd_dist.core.mc import mc_probs, standard_probs
+from dd_dist.core.mc import mc_estimate, mc_probs, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics
 from dd_dist.core.models import build_model, load_model, model_spec, save_model
 from dd_dist.errors import UserError
@@ -85,6 +85,22 @@ def test_mc_numbers_follow_the_method(trained):
     limit = classification_metrics(mc_probs(teacher, x, ids, 400, seed=12345), y)
     assert abs(mc50["nll_mean"] - limit["nll"]) < abs(mc1["nll_mean"] - limit["nll"]) / 5
     assert abs(mc50["error_mean"] - limit["error"]) < 0.03
+
+
+def test_each_method_reports_its_mean_entropy_and_mutual_information(trained):
+    cfg, results = trained
+    m = results["methods"]
+    split = run_split(cfg, "test")
+    x, ids = torch.from_numpy(split.x), torch.arange(len(split))
+    teacher = load_model(RunDir(cfg).teacher)[0]
+    estimate = mc_estimate(teacher, x, ids, 50, row_rng_seed(cfg.seed, EVAL_SEED_SALT, 0))
+    expected = uncertainty(estimate.probs, estimate.expected_entropy)
+    assert m["mc-50"]["mutual_info_per_seed"][0] == pytest.approx(expected["mutual_info"].mean().item())
+    assert m["mc-50"]["entropy_per_seed"][0] == pytest.approx(expected["entropy"].mean().item())
+    assert m["mc-1"]["mutual_info_mean"] == pytest.approx(0, abs=1e-6)  # one mask: nothing to disagree with
+    assert m["mc-50"]["mutual_info_mean"] > m["mc-2"]["mutual_info_mean"] > 0
+    for one_pass in ("standard", "distilled"):  # a deterministic prediction has no spread over masks
+        assert m[one_pass]["mutual_info"] == 0 and m[one_pass]["entropy"] > 0
 
 
 def test_metrics_and_artifact_in_the_mlflow_store(trained):

@@ -30,7 +30,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 MC_METHOD = re.compile(r"mc-(\d+)$")
-COLUMNS = ("error", "nll", "ece", "brier", "latency_ms", "images_per_s")
+COLUMNS = ("error", "nll", "ece", "brier", "latency_ms", "images_per_s", "entropy", "mutual_info")
 FINISHED_EVALUATE = "tags.stage = 'evaluate' and attributes.status = 'FINISHED'"
 
 
@@ -180,14 +180,14 @@ def markdown_report(experiment: str, evaluations: list[Evaluation]) -> str:
         lines += ["", f"## {e.dataset} / {e.arch}, p={e.p}, label K={e.label_k}", "", f"evaluate run `{e.run_id}`"]
         if e.parent_run_id:
             lines[-1] += f", pipeline run `{e.parent_run_id}` with stages: {', '.join(e.pipeline_stages)}"
-        lines += ["", "| method | forward passes | error % | ± std | NLL | ECE | Brier | ms / image | images / s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | forward passes | error % | ± std | NLL | ECE | Brier | ms / image | images / s "
+                      "| entropy | mutual info |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method in e.ordered_methods():
             v = {key: e.value(method, key) for key in COLUMNS}
             std = f"{_pct(e.value(method, 'error_std'))}" if MC_METHOD.match(method) else ""
             lines.append(f"| {_label(method)} | {int(e.value(method, 'forward_passes') or 1)} | {_pct(v['error'])} | "
                          f"{std} | {v['nll']:.4f} | {v['ece']:.4f} | {v['brier']:.4f} | {v['latency_ms']:.4f} | "
-                         f"{v['images_per_s']:.0f} |")
+                         f"{v['images_per_s']:.0f} | {_nats(v['entropy'])} | {_nats(v['mutual_info'])} |")
         if "distilled" not in e.methods:
             lines += ["", "no distilled student in this run"]
         elif e.value("distilled", "uncertainty_spearman") is not None:
@@ -203,6 +203,10 @@ def _label(method: str) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _nats(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # runs logged before the uncertainty metrics have none
 
 
 def _share(value: float | None) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dd_dist.config import Config
 from dd_dist.core.data import Split, row_rng_seed, run_split
 from dd_dist.core.heads import UncertaintyStudent
-from dd_dist.core.mc import mc_estimate, mc_probs, standard_probs, uncertainty
+from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
@@ -30,14 +30,17 @@ from dd_dist.files import write_json
 from dd_dist.infra.tracking import Tracker, active_run_id
 from dd_dist.layout import RunDir
 
-QUALITY = ("error", "nll", "ece", "brier")
+# mutual_info: the mean over the test rows of H[mean] - E_k H[p_k]; 0 for a one-pass method, whose one
+# deterministic prediction has no spread over masks (dd_dist.core.mc.uncertainty)
+QUALITY = ("error", "nll", "ece", "brier", "entropy", "mutual_info")
 SPEED = ("latency_ms", "images_per_s")
 # Each method run's metrics; for MC the mean over eval.repeats seeds, `_std` their spread (0: one pass
 # has no masks to vary, only its latency varies).
 METHOD_METRICS = (*QUALITY, *SPEED, "forward_passes", *(f"{key}_std" for key in QUALITY), "latency_ms_std")
 EVAL_SEED_SALT = 0xE7A1  # evaluation masks must not repeat the label stage's masks
 
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, row ids) -> probabilities
+# (images, row ids) -> (probabilities, expected entropy over the method's masks)
+Predict = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def run(cfg: Config, parent: str | None = None) -> Path:
@@ -62,12 +65,12 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
         steps = 1 + len(e.ks) * e.repeats + (student is not None)
         with tqdm(total=steps, desc="evaluate", unit="pass") as bar:
             # One-pass methods are timed as often as MC runs seeds, so each latency is a mean of as many runs.
-            results["methods"]["standard"] = _score(lambda x, ids: standard_probs(teacher, x), split, e, 1, bar,
+            results["methods"]["standard"] = _score(lambda x, ids: _one_pass(teacher, x), split, e, 1, bar,
                                                     timings=e.repeats)
             for k in e.ks:
                 results["methods"][f"mc-{k}"] = _score_mc(teacher, split, cfg, k, bar)
             if student is not None:
-                results["methods"]["distilled"] = _score(lambda x, ids: standard_probs(student, x), split, e, 1,
+                results["methods"]["distilled"] = _score(lambda x, ids: _one_pass(student, x), split, e, 1,
                                                          bar, timings=e.repeats)
                 if isinstance(student, UncertaintyStudent) and e.ks:
                     results["methods"]["distilled"]["uncertainty"] = head_agreement(student, teacher, split, cfg)
@@ -134,23 +137,26 @@ def format_table(results: dict) -> str:
     lines = [f"{results['dataset']} / {results['arch']}, {results['test_images']} test images, "
              f"{results['threads']} threads",
              f"{'method':<10} {'passes':>6} {'error %':>8} {'± std':>6} {'NLL':>7} {'ECE':>7} {'Brier':>7} "
-             f"{'ms/img':>8} {'img/s':>9}"]
+             f"{'ms/img':>8} {'img/s':>9} {'MI':>7}"]
     for method, m in results["methods"].items():
         get = (lambda key: m[f"{key}_mean"]) if method.startswith("mc") else (lambda key: m[key])
         std = f"{100 * m['error_std']:6.2f}" if method.startswith("mc") else " " * 6
         lines.append(f"{method:<10} {m['forward_passes']:>6} {100 * get('error'):8.2f} {std} {get('nll'):7.4f} "
-                     f"{get('ece'):7.4f} {get('brier'):7.4f} {get('latency_ms'):8.4f} {get('images_per_s'):9.0f}")
+                     f"{get('ece'):7.4f} {get('brier'):7.4f} {get('latency_ms'):8.4f} {get('images_per_s'):9.0f} "
+                     f"{get('mutual_info'):7.4f}")
     return "\n".join(lines)
 
 
 def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True, timings: int = 1) -> dict:
     """Quality of one prediction of the split; its speed from `timings` timed runs (mean, std)."""
     runs = [_timed_predict(predict, split, e.batch_size, warm_up and i == 0) for i in range(timings)]
-    probs, labels = runs[0][0], torch.from_numpy(split.y)
+    (probs, expected_entropy), labels = runs[0][0], torch.from_numpy(split.y)
     latency = [1000 * seconds / len(split) for _, seconds in runs]
     bar.update()
     bar.set_postfix(images_per_s=f"{1000 / latency[0]:.0f}")
-    return {**classification_metrics(probs, labels, e.ece_bins), "latency_ms": statistics.fmean(latency),
+    spread = {key: float(value.mean()) for key, value in uncertainty(probs, expected_entropy).items()}
+    return {**classification_metrics(probs, labels, e.ece_bins), "entropy": spread["entropy"],
+            "mutual_info": spread["mutual_info"], "latency_ms": statistics.fmean(latency),
             "latency_ms_std": statistics.stdev(latency) if timings > 1 else 0.0,
             "images_per_s": 1000 / statistics.fmean(latency), "forward_passes": passes,
             "reliability": reliability_bins(probs, labels, e.ece_bins)}
@@ -161,7 +167,10 @@ def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> dict:
     runs = []
     for repeat in range(cfg.eval.repeats):
         seed = row_rng_seed(cfg.seed, EVAL_SEED_SALT, repeat)
-        predict = lambda x, ids, seed=seed: mc_probs(teacher, x, ids, k, seed)
+        def predict(x, ids, seed=seed):
+            estimate = mc_estimate(teacher, x, ids, k, seed)
+            return estimate.probs, estimate.expected_entropy
+
         runs.append(_score(predict, split, cfg.eval, k, bar, warm_up=repeat == 0))
     out = {"k": k, "forward_passes": k, "repeats": len(runs), "reliability": runs[0]["reliability"]}
     for key in (*QUALITY, *SPEED):
@@ -172,16 +181,22 @@ def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> dict:
     return out
 
 
-def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: bool) -> tuple[torch.Tensor, float]:
-    """Probabilities of the whole split, batch by batch, and the wall time of that prediction."""
+def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: bool):
+    """(probabilities, expected entropy) of the whole split, batch by batch, and the wall time of that prediction."""
     x, ids = torch.from_numpy(split.x), torch.arange(len(split))
     with torch.inference_mode():
         if warm_up:  # first-call allocations are not per-image latency
             predict(x[:batch_size], ids[:batch_size])
         start = time.perf_counter()
-        probs = torch.cat([predict(x[i : i + batch_size], ids[i : i + batch_size])
-                           for i in range(0, len(split), batch_size)])
-        return probs, time.perf_counter() - start
+        parts = [predict(x[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, len(split), batch_size)]
+        seconds = time.perf_counter() - start
+    return tuple(torch.cat(column) for column in zip(*parts)), seconds
+
+
+def _one_pass(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic prediction: its expected entropy is its own entropy (no masks to vary)."""
+    probs = standard_probs(model, x)
+    return probs, entropy(probs.double())  # as uncertainty() takes H[mean]: their difference is exactly 0
 
 
 def _load_checked(path: Path, split: Split, role: str):
