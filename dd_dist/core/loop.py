@@ -73,8 +73,10 @@ def soft_labels_in_memory(cfg: Config, teacher: torch.nn.Module, split: Split) -
         ids = torch.arange(start, min(start + cfg.label.batch_size, len(split)))
         inputs = augment(x[ids], ids, cfg.seed, 0, cfg.data.zero_p, cfg.data.flip_p)
         estimate = mc_estimate(teacher, inputs, ids, cfg.label.k, cfg.seed)
-        mutual_info = uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"].float()
-        out.append(torch.cat([estimate.probs, mutual_info[:, None]], 1) if cfg.distill.uncertainty else estimate.probs)
+        targets = [estimate.probs]
+        if cfg.distill.uncertainty:
+            targets.append(uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"].float()[:, None])
+        out.append(torch.cat(targets, 1))
     return torch.cat(out)
 
 

@@ -154,10 +154,11 @@ class StudentTask:
         torch.manual_seed(cfg.seed)
         teacher, _ = load_model(RunDir(cfg).teacher)
         model, spec = build_student(cfg, split)
-        if cfg.distill.init == "teacher":
-            init_student_from_teacher(model.net if isinstance(model, UncertaintyStudent) else model, teacher)
+        net = model
         if isinstance(model, UncertaintyStudent):
-            model.loss_weight = cfg.distill.uncertainty_weight
+            net, model.loss_weight = model.net, cfg.distill.uncertainty_weight
+        if cfg.distill.init == "teacher":
+            init_student_from_teacher(net, teacher)
         zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p
         if cfg.distill.mode == "online":
             batches = online_batches(split, teacher, cfg.seed, zero_p, flip_p)

@@ -65,15 +65,18 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
         steps = 1 + len(e.ks) * e.repeats + (student is not None)
         with tqdm(total=steps, desc="evaluate", unit="pass") as bar:
             # One-pass methods are timed as often as MC runs seeds, so each latency is a mean of as many runs.
-            results["methods"]["standard"] = _score(lambda x, ids: _one_pass(teacher, x), split, e, 1, bar,
-                                                    timings=e.repeats)
+            results["methods"]["standard"], _ = _score(lambda x, ids: _one_pass(teacher, x), split, e, 1, bar,
+                                                       timings=e.repeats)
+            mutual_info = {}  # per test row, of each K's first seed: what an uncertainty head is compared with
             for k in e.ks:
-                results["methods"][f"mc-{k}"] = _score_mc(teacher, split, cfg, k, bar)
+                results["methods"][f"mc-{k}"], mutual_info[k] = _score_mc(teacher, split, cfg, k, bar)
             if student is not None:
-                results["methods"]["distilled"] = _score(lambda x, ids: _one_pass(student, x), split, e, 1,
-                                                         bar, timings=e.repeats)
+                results["methods"]["distilled"], _ = _score(lambda x, ids: _one_pass(student, x), split, e, 1,
+                                                            bar, timings=e.repeats)
                 if isinstance(student, UncertaintyStudent) and e.ks:
-                    results["methods"]["distilled"]["uncertainty"] = head_agreement(student, teacher, split, cfg)
+                    k = max(e.ks)
+                    results["methods"]["distilled"]["uncertainty"] = head_agreement(student, split, e.batch_size,
+                                                                                    f"mc-{k}", mutual_info[k])
             else:
                 results["notes"].append(f"no student at {run.student}: distilled skipped")
         write_json(run.results, results)
@@ -106,19 +109,15 @@ def method_metrics(m: dict) -> dict[str, float]:
     return out
 
 
-def head_agreement(student: UncertaintyStudent, teacher, split: Split, cfg: Config) -> dict:
-    """The student head's mutual information on the test split against MC's at the largest K of eval.ks
-    (the masks of its first seed): Spearman rank correlation and mean absolute error in nats."""
-    k, seed, size = max(cfg.eval.ks), row_rng_seed(cfg.seed, EVAL_SEED_SALT, 0), cfg.eval.batch_size
-    x, ids, head, reference = torch.from_numpy(split.x), torch.arange(len(split)), [], []
+def head_agreement(student: UncertaintyStudent, split: Split, batch_size: int, name: str,
+                   reference: torch.Tensor) -> dict:
+    """The student head's mutual information on the test split against `reference`, MC's per row (the MC
+    method `name`, the masks of its first seed): Spearman rank correlation and mean absolute error in nats."""
+    x = torch.from_numpy(split.x)
     with torch.inference_mode():
-        for start in range(0, len(split), size):
-            rows = slice(start, start + size)
-            head.append(student(x[rows], uncertainty=True)[1].double())
-            estimate = mc_estimate(teacher, x[rows], ids[rows], k, seed)
-            reference.append(uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"])
-    head, reference = torch.cat(head), torch.cat(reference)
-    return {"reference": f"mc-{k}", "spearman": float(spearmanr(head, reference).statistic),
+        head = torch.cat([student(x[i : i + batch_size], uncertainty=True)[1].double()
+                          for i in range(0, len(split), batch_size)])
+    return {"reference": name, "spearman": float(spearmanr(head, reference).statistic),
             "mae": float((head - reference).abs().mean()), "head_mean": float(head.mean()),
             "reference_mean": float(reference.mean())}
 
@@ -147,38 +146,44 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True, timings: int = 1) -> dict:
-    """Quality of one prediction of the split; its speed from `timings` timed runs (mean, std)."""
+def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: bool = True,
+           timings: int = 1) -> tuple[dict, torch.Tensor]:
+    """Quality of one prediction of the split, its speed from `timings` timed runs (mean, std); and each
+    row's mutual information."""
     runs = [_timed_predict(predict, split, e.batch_size, warm_up and i == 0) for i in range(timings)]
     (probs, expected_entropy), labels = runs[0][0], torch.from_numpy(split.y)
     latency = [1000 * seconds / len(split) for _, seconds in runs]
     bar.update()
     bar.set_postfix(images_per_s=f"{1000 / latency[0]:.0f}")
-    spread = {key: float(value.mean()) for key, value in uncertainty(probs, expected_entropy).items()}
-    return {**classification_metrics(probs, labels, e.ece_bins), "entropy": spread["entropy"],
-            "mutual_info": spread["mutual_info"], "latency_ms": statistics.fmean(latency),
+    spread = uncertainty(probs, expected_entropy)
+    return {**classification_metrics(probs, labels, e.ece_bins), "entropy": float(spread["entropy"].mean()),
+            "mutual_info": float(spread["mutual_info"].mean()), "latency_ms": statistics.fmean(latency),
             "latency_ms_std": statistics.stdev(latency) if timings > 1 else 0.0,
             "images_per_s": 1000 / statistics.fmean(latency), "forward_passes": passes,
-            "reliability": reliability_bins(probs, labels, e.ece_bins)}
+            "reliability": reliability_bins(probs, labels, e.ece_bins)}, spread["mutual_info"]
 
 
-def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> dict:
-    """MC dropout with K masks, once per seed; mean and sample std over the seeds."""
-    runs = []
+def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> tuple[dict, torch.Tensor]:
+    """MC dropout with K masks, once per seed; mean and sample std over the seeds; and the first seed's
+    mutual information per row."""
+    runs, first_mutual_info = [], None
     for repeat in range(cfg.eval.repeats):
         seed = row_rng_seed(cfg.seed, EVAL_SEED_SALT, repeat)
+
         def predict(x, ids, seed=seed):
             estimate = mc_estimate(teacher, x, ids, k, seed)
             return estimate.probs, estimate.expected_entropy
 
-        runs.append(_score(predict, split, cfg.eval, k, bar, warm_up=repeat == 0))
+        scored, mutual_info = _score(predict, split, cfg.eval, k, bar, warm_up=repeat == 0)
+        runs.append(scored)
+        first_mutual_info = mutual_info if first_mutual_info is None else first_mutual_info
     out = {"k": k, "forward_passes": k, "repeats": len(runs), "reliability": runs[0]["reliability"]}
     for key in (*QUALITY, *SPEED):
         values = [r[key] for r in runs]
         out[f"{key}_mean"] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out[f"{key}_per_seed"] = values
-    return out
+    return out, first_mutual_info
 
 
 def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: bool):
