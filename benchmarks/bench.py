@@ -27,7 +27,7 @@ import torch
 from benchmarks import label_throughput, train_throughput
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
-from dd_dist.core.data import load_split, run_split
+from dd_dist.data.splits import load_split, run_split
 from dd_dist.core.mc import naive_mc_loop
 from dd_dist.core.models import load_model
 from dd_dist.labels.actors import label_rows
@@ -54,7 +54,7 @@ def label_time_vs_k(rows: dict) -> dict:
             model, _ = label_throughput.untrained(arch, split, Path(tmp))
             out[arch] = {}
             for k in KS:
-                rate = label_throughput.timed_rate(n, lambda ids: label_rows(model, x, ids, k, label_throughput.SEED,
+                rate = label_throughput.timed_rate(n, lambda ids: label_rows(model, x[ids], ids, k, label_throughput.SEED,
                                                                                     label_throughput.ZERO_P, 0.0))
                 out[arch][k] = 1000 / rate
                 print(f"{arch}: K={k} {out[arch][k]:.2f} s per 1000 rows", flush=True)

@@ -32,7 +32,9 @@ import torch
 
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
-from dd_dist.core.data import FASHION_MNIST_DIR, augment, run_split
+from dd_dist.core.augment import augment
+from dd_dist.data.sources import FASHION_MNIST_DIR
+from dd_dist.data.splits import run_split
 from dd_dist.core.loop import fit, train_teacher
 from dd_dist.core.mc import standard_probs
 from dd_dist.core.mc_schemes import mc_label, passes_per_mask

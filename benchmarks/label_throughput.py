@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
-from dd_dist.core.data import augment, load_split
+from dd_dist.core.augment import augment
+from dd_dist.data.splits import load_split
 from dd_dist.core.mc import naive_mc_loop
 from dd_dist.core.models import build_model, model_spec, save_model
 from dd_dist.labels.actors import label_rows, label_shards
@@ -45,7 +46,7 @@ def timed_rate(rows: int, label_batch, ready=lambda: None) -> float:
 def in_process_rates(arch: str, model, x: torch.Tensor, naive_rows: int, mc_rows: int) -> dict:
     torch.set_num_threads(1)
     naive = timed_rate(naive_rows, lambda ids: naive_mc_loop(model, augment(x[ids], ids, SEED, 0, ZERO_P), K))
-    mc = timed_rate(mc_rows, lambda ids: label_rows(model, x, ids, K, SEED, ZERO_P, 0.0))
+    mc = timed_rate(mc_rows, lambda ids: label_rows(model, x[ids], ids, K, SEED, ZERO_P, 0.0))
     print(f"{arch}: naive {naive:.0f} rows/s, mc_probs {mc:.0f} rows/s in-process (1 thread)")
     return {"naive_rows_per_s": naive, "mc_rows_per_s": mc, "mc_speedup": mc / naive}
 
@@ -56,7 +57,7 @@ def _bare_worker(arch: str, rows: int, barrier, results) -> None:
     torch.manual_seed(SEED)
     model = build_model(**model_spec(arch, split.in_shape, split.num_classes, 0.5))
     x = torch.from_numpy(split.x)
-    results.put(timed_rate(rows, lambda ids: label_rows(model, x, ids, K, SEED, ZERO_P, 0.0), barrier.wait))
+    results.put(timed_rate(rows, lambda ids: label_rows(model, x[ids], ids, K, SEED, ZERO_P, 0.0), barrier.wait))
 
 
 def bare_process_scaling(arch: str, rows: int) -> float:
@@ -92,7 +93,7 @@ def ray_rates(arch: str, teacher: Path, rows: int, rows_per_shard: int, workdir:
 def bytes_per_row(model, x: torch.Tensor, rows: int, workdir: Path) -> dict:
     """Parquet bytes per row (zstd, with id and mc_stderr) of the same labels in each storage format."""
     ids = torch.arange(rows)
-    estimate = label_rows(model, x, ids, K, SEED, ZERO_P, 0.0)
+    estimate = label_rows(model, x[ids], ids, K, SEED, ZERO_P, 0.0)
     probs, stderr = estimate.probs.numpy(), estimate.stderr.numpy()
     sizes = {}
     for name, dtype, topk in [("float32", "float32", 0), ("float16", "float16", 0), ("topk3", "topk", 3)]:

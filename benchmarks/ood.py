@@ -34,7 +34,8 @@ from scipy.stats import rankdata
 
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
-from dd_dist.core.data import FASHION_MNIST_DIR, load_split
+from dd_dist.data.sources import FASHION_MNIST_DIR
+from dd_dist.data.splits import load_split
 from dd_dist.core.loop import train_student, train_teacher
 from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.models import load_model

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dd_dist.config import load_config
-from dd_dist.core.data import FASHION_MNIST_DIR
+from dd_dist.data.sources import FASHION_MNIST_DIR
 from dd_dist.files import atomic_write, write_json
 from dd_dist.layout import RunDir
 

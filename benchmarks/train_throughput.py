@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.report import machine, write_report
 from dd_dist.config import load_config
-from dd_dist.core.data import run_split
+from dd_dist.data.splits import run_split
 from dd_dist.core.loop import fit
 from dd_dist.core.models import init_student_from_teacher, load_model, save_model
 from dd_dist.core.tasks import StudentTask, build_for, offline_batches

@@ -9,8 +9,10 @@ The pipeline, top to bottom, and the direction of every import (down only; tests
     labels/ train/    the Ray label actors, the shard format and verify; the Ray Train driver and the
                       DeepSpeed worker loop
     infra/            the Ray cluster connection and MLflow tracking (a Tracker object)
-    core/             plain PyTorch, no Ray or MLflow: data, models, MC dropout and its schemes,
-                      metrics, the training tasks and the single-process reference loop
+    core/             plain PyTorch, no Ray or MLflow: the augmentation, models, MC dropout and its
+                      schemes, metrics, the training tasks and the single-process reference loop
+    data/             every source as a Parquet cache read row by row: sources, image folders, the
+                      data.* transforms, splits
     layout            every path of a run directory, and the splits a run reads
     config, schemes, errors, files   the config tree, the MC scheme value, UserError, atomic writes
 

@@ -92,7 +92,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    # Overrides may also follow options (`verify DIR --rows 9 data.path=x`), which argparse leaves over.
+    args, extra = top.parse_known_args(argv)
+    if any(item.startswith("-") or "=" not in item for item in extra):
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
     config_path = args.config or (DEMO_CONFIG if args.command == "demo" else None)
     try:
         cfg = load_config(config_path, args.overrides)

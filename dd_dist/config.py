@@ -20,13 +20,39 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Size = int | list[int] | None  # a number, or [H, W]
+
+
 class DataConfig(Section):
-    name: str = "mnist"  # mnist | fashion-mnist | cifar10 | cifar100 | hf:<name-or-path> | synthetic
-    path: str | None = None  # directory or archive for fashion-mnist, cifar*, local hf copies
+    # mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | hf:<name-or-path> | synthetic
+    name: str = "mnist"
+    path: str | None = None  # directory or archive for fashion-mnist, cifar*, imagefolder, local hf copies
+    # every source is read from a Parquet copy here, written on first use (a shared mount on a multi-node cluster)
+    cache_dir: str = "data/cache"
     train_rows: int = Field(0, ge=0)  # 0 = the whole split
     test_rows: int = Field(0, ge=0)
+    # transforms, applied where rows are read: resize (a number: the shorter side, aspect kept; [H, W]: exactly),
+    # then center_crop, then the scaling to [0, 1], then (x - mean) / std per channel
+    resize: Size = None
+    center_crop: Size = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    channels: Literal[1, 3] | None = None  # image files converted to grayscale (1) or RGB (3); unset: as they are
+    skip_bad: bool = False  # image files that do not decode: false refuses the folder, true leaves them out
     zero_p: float = Field(0.2, ge=0, lt=1)  # distillation augmentation: pixel zeroing
     flip_p: float = Field(0.0, ge=0, le=1)  # horizontal flips (off for digits)
+
+    @field_validator("resize", "center_crop")
+    @classmethod
+    def _size(cls, size: Size) -> Size:
+        sizes = [size] if isinstance(size, int) else size or []
+        if len(sizes) not in (0, 1, 2) or any(v < 1 for v in sizes):
+            raise ValueError("a size is a number >= 1 or [H, W]")
+        return size
+
+    def transform(self) -> dict:
+        """The arguments of dd_dist.data.transforms.Transform.of."""
+        return {"resize": self.resize, "center_crop": self.center_crop, "mean": self.mean, "std": self.std}
 
 
 BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv")  # dd_dist.core.models.ARCHS
@@ -224,7 +250,8 @@ class Config(Section):
         absolute = lambda path: path if path is None or "://" in path else str(Path(path).expanduser().resolve())  # noqa: E731
         return self.model_copy(update={
             "run_dir": absolute(self.run_dir),
-            "data": self.data.model_copy(update={"path": absolute(self.data.path)}),
+            "data": self.data.model_copy(update={"path": absolute(self.data.path),
+                                                 "cache_dir": absolute(self.data.cache_dir)}),
             "cluster": self.cluster.model_copy(update={"storage_path": absolute(self.cluster.storage_path)})})
 
 

@@ -61,10 +61,12 @@ class RunDir:
         return self.cfg.cluster.storage_path or str(self.root / "ray_results")
 
     def split(self, which: str) -> dict:
-        """The arguments of dd_dist.core.data.load_split for this run's `which` split (train, val, test)."""
+        """The arguments of dd_dist.data.splits.load_split for this run's `which` split (train, val, test)."""
         data = self.cfg.data
         rows = {"train": data.train_rows, "test": data.test_rows}.get(which, 0)
-        return {"name": data.name, "split": which, "path": data.path, "rows": rows, "seed": self.cfg.seed}
+        return {"name": data.name, "split": which, "path": data.path, "rows": rows, "seed": self.cfg.seed,
+                "cache_dir": data.cache_dir, "transform": data.transform(), "channels": data.channels,
+                "skip_bad": data.skip_bad}
 
     def check_writable(self, folder: Path) -> None:
         """Refuse an unwritable output folder of the run (one of the paths above) or storage_path in one

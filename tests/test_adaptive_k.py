@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.config import load_config
-from dd_dist.core.data import run_split
+from dd_dist.data.splits import run_split
 from dd_dist.core.loop import train_teacher
 from dd_dist.core.mc import keep_masks, mc_probs
 from dd_dist.core.mc_schemes import check_model, mc_label
@@ -234,7 +234,7 @@ def test_label_and_verify_with_adaptive_k_and_a_mask_tree(tmp_path):
     ids, probs = load_soft_labels(out)  # what the actors wrote is what this process computes
     teacher, _ = load_model(teacher_file)
     x = torch.from_numpy(run_split(cfg, "train").x)
-    expected = label_rows(teacher, x, ids, MCScheme.from_record(manifest["scheme"], "auto"), cfg.seed,
+    expected = label_rows(teacher, x[ids], ids, MCScheme.from_record(manifest["scheme"], "auto"), cfg.seed,
                           cfg.data.zero_p, cfg.data.flip_p)
     assert np.allclose(probs.numpy(), stored_probs(expected.probs.numpy(), "float16", 0), atol=1e-3)
     assert np.array_equal(k, expected.k.numpy())

@@ -52,6 +52,7 @@ class Outcome:
     before: dict | None  # the run_dir's files (size, mtime) before and after the call
     after: dict | None
     cwd_after: list[str]  # what the call left in its (empty) working directory
+    not_cache: list[str]  # what it left in cwd/data that is not a complete entry of the data cache
 
 
 def snapshot(folder: Path) -> dict | None:
@@ -101,8 +102,15 @@ def run_cli_calls(calls: list[Call], root: Path, prepare, workers: int = 3) -> d
         assert forked.returncode == 0, forked.stderr[-3000:]
         codes = {**dict(direct), **json.loads(forked.stdout.splitlines()[-1])}
     return {call.id: Outcome(codes[call.id], (root / call.id / "stderr.txt").read_text(), before[call.id],
-                             snapshot(root / call.id / "run"), sorted(os.listdir(root / call.id / "cwd")))
+                             snapshot(root / call.id / "run"), sorted(os.listdir(root / call.id / "cwd")),
+                             not_cache(root / call.id / "cwd"))
             for call in calls}
+
+
+def not_cache(cwd: Path) -> list[str]:
+    cache = cwd / "data" / "cache"
+    return sorted([str(p) for p in (cwd / "data").glob("*") if p != cache]
+                  + [str(p) for p in cache.glob("*") if not (p / "info.json").is_file()])
 
 
 def fork_calls(workers: int = 3) -> None:
@@ -165,8 +173,10 @@ def assert_refused(outcome: Outcome, cause: str) -> None:
     assert len(lines) == 1 and "Traceback" not in outcome.stderr, outcome.stderr[-3000:]
     assert lines[0].startswith("dd-dist") and ": error: " in lines[0] and cause in lines[0], lines[0]
     assert outcome.after == outcome.before, "the call changed its run_dir"
-    # At most MLflow's artifact folder: a stage refused inside its run leaves that run, marked FAILED.
-    assert outcome.cwd_after in ([], ["mlruns"]), f"the call left {outcome.cwd_after} in its working directory"
+    # At most MLflow's artifact folder (a stage refused inside its run leaves that run, marked FAILED) and
+    # complete entries of the data cache (data/cache: a source's Parquet copy, read before the refusal).
+    assert set(outcome.cwd_after) <= {"mlruns", "data"}, f"the call left {outcome.cwd_after} in its working directory"
+    assert not outcome.not_cache, f"the call left {outcome.not_cache}"
 
 
 class Payload:

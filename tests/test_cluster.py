@@ -151,7 +151,7 @@ def test_label_actors_spread_over_both_nodes_and_match_the_single_process_labels
     from dd_dist.core.models import load_model
     from dd_dist.core.loop import soft_labels_in_memory, train_teacher
     from dd_dist.layout import RunDir
-    from dd_dist.core.data import run_split
+    from dd_dist.data.splits import run_split
 
     cfg = load_config(None, [*TINY, f"cluster.address={cluster.gcs}", f"run_dir={tmp_path}", "label.k=8",
                              "label.rows_per_shard=128", "label.dtype=float32"])
@@ -242,6 +242,11 @@ def test_storage_check_passes_shared_paths_and_refuses_a_node_local_one(cluster,
                                        "cluster.storage_path=s3://bucket/dd"])
         with ray_session(in_bucket.cluster), pytest.raises(UserError, match=r"^run_dir .* node-local: 1 of 3"):
             check_shared_storage(in_bucket)
+        # Every process reads the data's Parquet copy: the cache must be shared too.
+        local_cache = load_config(None, [f"cluster.address={cluster.gcs}", f"run_dir={tmp_path}/run",
+                                         f"data.cache_dir={local}/cache"])
+        with ray_session(local_cache.cluster), pytest.raises(UserError, match=r"^data.cache_dir .* node-local: 1 of 3"):
+            check_shared_storage(local_cache)
     finally:
         launcher.stop_processes(launcher.cluster_processes(str(blind_dir)))
 

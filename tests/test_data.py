@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dd_dist.core.data import DATASETS, augment, load_split, row_rng_seed
+from dd_dist.core.augment import augment, row_rng_seed
+from dd_dist.data.sources import DATASETS
+from dd_dist.data.splits import load_split
 from dd_dist.errors import UserError
 
 REAL_FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist"
@@ -214,10 +216,12 @@ def test_hf_local_parquet_grayscale_holds_out_a_sixth(tmp_path, hf_cache):
 
 
 def test_hf_local_parquet_rgb_with_validation_split(tmp_path, hf_cache):
-    write_parquet(hf_cache, tmp_path, {"train": 6, "validation": 3, "test": 2}, "img", "fine_label", rgb=True)
-    sizes = {s: len(load_split(f"hf:{tmp_path}", s)) for s in ("train", "val", "test")}
+    source = tmp_path / "rgb"  # not tmp_path itself: the datasets cache is there
+    source.mkdir()
+    write_parquet(hf_cache, source, {"train": 6, "validation": 3, "test": 2}, "img", "fine_label", rgb=True)
+    sizes = {s: len(load_split(f"hf:{source}", s)) for s in ("train", "val", "test")}
     assert sizes == {"train": 6, "val": 3, "test": 2}
-    check_split(load_split(f"hf:{tmp_path}", "val"), 3, (3, 7, 6), 5)
+    check_split(load_split(f"hf:{source}", "val"), 3, (3, 7, 6), 5)
 
 
 def test_hf_missing_column_or_dataset_is_named(tmp_path, hf_cache):

@@ -10,7 +10,8 @@ import torch
 
 from dd_dist.cli import main
 from dd_dist.config import load_config
-from dd_dist.core.data import row_rng_seed, run_split
+from dd_dist.core.augment import row_rng_seed
+from dd_dist.data.splits import run_split
 from dd_dist.core.mc import mc_estimate, mc_probs, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics
 from dd_dist.core.models import build_model, load_model, model_spec, save_model

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dd_dist.config import load_config
-from dd_dist.core.data import load_split
+from dd_dist.data.splits import load_split
 from dd_dist.core.loop import train_teacher
 from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
@@ -79,7 +79,7 @@ def test_labels_do_not_depend_on_actors_or_batches_and_equal_the_in_process_mc(g
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
     ids = torch.tensor([0, 5, 300, 511])
-    expected = label_rows(teacher, x, ids, 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p).probs.numpy()
+    expected = label_rows(teacher, x[ids], ids, 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p).probs.numpy()
     assert np.array_equal(p1[ids].numpy(), stored_probs(expected, "float16", 0))
     assert torch.allclose(p1.sum(1), torch.ones(ROWS), atol=2e-3) and p1.std(0).max() > 0.05  # real, varied labels
 
@@ -91,7 +91,8 @@ def test_manifest_records_what_the_labels_depend_on(good_labels, teacher_dir):
     assert m["teacher"]["spec"]["arch"] == "mlp" and m["p"] == 0.5 and m["k"] == 16 and m["seed"] == 0
     assert m["augmentation"] == {"zero_p": 0.2, "flip_p": 0.0, "epoch": 0}
     assert m["data"] == {"name": "synthetic", "split": "train", "rows": ROWS, "num_classes": 4,
-                         "fingerprint": load_split("synthetic", "train").fingerprint}
+                         "fingerprint": load_split("synthetic", "train").fingerprint, "channels": None, "skipped": 0,
+                         "transform": {"resize": None, "center_crop": None, "mean": None, "std": None}}
     assert m["storage"]["dtype"] == "float16" and m["storage"]["compression"] == "zstd" and m["version"]
     assert [s["rows"] for s in m["shards"]] == [128] * 4
     assert all(s["sha256"] == file_sha256(out / s["file"]) for s in m["shards"])
@@ -138,7 +139,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(ray_cluster, tea
     ids, probs = load_soft_labels(resumed)
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
-    uninterrupted = label_rows(teacher, x, torch.arange(256), 400, 0, 0.2, 0.0).probs.numpy()  # what any clean run writes
+    uninterrupted = label_rows(teacher, x[:256], torch.arange(256), 400, 0, 0.2, 0.0).probs.numpy()  # what any clean run writes
     assert torch.equal(ids, torch.arange(256)) and np.array_equal(probs.numpy(), stored_probs(uninterrupted, "float16", 0))
 
 
@@ -204,7 +205,7 @@ def test_hf_datasets_reads_the_shards_and_storage_options_agree(good_labels, tea
     assert np.allclose(np.asarray(hf.sort("id")["probs"], np.float32), half.numpy())
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
-    full = label_rows(teacher, x, torch.arange(ROWS), 16, 0, 0.2, 0.0).probs  # float32 labels
+    full = label_rows(teacher, x[:ROWS], torch.arange(ROWS), 16, 0, 0.2, 0.0).probs  # float32 labels
     assert (full - half).abs().max() < 1e-3 and (full - half).abs().max() > 0  # float16 rounding, nothing more
     top = run_label(config(tmp_path / "top4", teacher_dir, "label.dtype=topk", "label.topk=4"))
     assert torch.allclose(load_soft_labels(top)[1], full, atol=1e-7)  # k = number of classes: exact
@@ -219,7 +220,7 @@ def test_shards_store_each_rows_mc_uncertainty(good_labels, teacher_dir):
     assert read_manifest(out)["uncertainty"] == ["entropy", "expected_entropy", "mutual_info"]
     teacher, _ = load_model(teacher_dir / "teacher" / "model.pt")
     x = torch.from_numpy(load_split("synthetic", "train").x)
-    estimate = label_rows(teacher, x, torch.arange(ROWS), 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
+    estimate = label_rows(teacher, x[:ROWS], torch.arange(ROWS), 16, cfg.seed, cfg.data.zero_p, cfg.data.flip_p)
     expected = uncertainty(estimate.probs, estimate.expected_entropy)
     table = pq.read_table(out / "train").sort_by("id")
     for name in UNCERTAINTY:

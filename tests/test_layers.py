@@ -13,6 +13,7 @@ LAYERS = [
     ("", "errors", "files", "schemes"),
     ("config",),
     ("layout",),
+    ("data",),
     ("core",),
     ("infra",),
     ("labels", "train"),

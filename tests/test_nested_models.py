@@ -12,7 +12,7 @@ from torch import nn
 import nested_nets
 from dd_dist.cli import main
 from dd_dist.config import load_config
-from dd_dist.core.data import run_split
+from dd_dist.data.splits import run_split
 from dd_dist.core.loop import train_student, train_teacher
 from dd_dist.core.mc import dropout_layers, mc_probs, mc_probs_naive, standard_probs
 from dd_dist.core.mc_schemes import mc_label
@@ -129,7 +129,7 @@ def test_a_factory_net_trains_labels_distils_and_reloads_weights_only(tmp_path):
     split = run_split(cfg, "train")
     x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
     assert (standard_probs(teacher, x).argmax(1) == y).float().mean() > 0.9  # it learned the synthetic task
-    probs, stderr, *_ = label_rows(teacher, x, torch.arange(64), 16, cfg.seed, 0.2, 0.0)
+    probs, stderr, *_ = label_rows(teacher, x[:64], torch.arange(64), 16, cfg.seed, 0.2, 0.0)
     assert probs.shape == (64, 4) and (stderr > 0).any()
     # a half-width student of the user's factory (it takes `width`), initialised from the teacher where shapes match
     student = load_model(train_student(load_config(None, [*factory_args(cfg), "distill.width=0.5"])))[0]

@@ -31,7 +31,7 @@ import torch
 import mlflow_server as serving
 from dd_dist.cli import main as cli_main
 from dd_dist.config import load_config
-from dd_dist.core.data import load_split
+from dd_dist.data.splits import load_split
 from dd_dist.core.loop import train_teacher
 from dd_dist.core.models import load_model, save_model
 from dd_dist.errors import UserError
@@ -89,7 +89,7 @@ def reference_labels(teacher_file) -> np.ndarray:
     """What an uninterrupted run stores: the in-process MC labels of every row, in float16."""
     teacher, _ = load_model(teacher_file)
     x = torch.from_numpy(load_split("synthetic", "train", rows=ROWS).x)
-    probs = label_rows(teacher, x, torch.arange(ROWS), K, 0, 0.2, 0.0).probs.numpy()
+    probs = label_rows(teacher, x[:ROWS], torch.arange(ROWS), K, 0, 0.2, 0.0).probs.numpy()
     return stored_probs(probs, "float16", 0)
 
 
@@ -256,7 +256,7 @@ def test_verify_refuses_a_hand_edited_k(label_call_outcomes):
 
 
 def test_distill_refuses_a_hand_edited_k(killed_actor_run, tmp_path):
-    from dd_dist.core.data import run_split
+    from dd_dist.data.splits import run_split
     from dd_dist.train.driver import checked_labels
 
     cfg = killed_actor_run[0]

@@ -19,7 +19,7 @@ import torch
 from scipy.stats import spearmanr
 
 from dd_dist.config import load_config
-from dd_dist.core.data import run_split
+from dd_dist.data.splits import run_split
 from dd_dist.core.mc import soft_target_kl, standard_probs
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
@@ -130,7 +130,7 @@ def offline_runs(labels, run_dir):
 
 def augmented_inputs_and_labels(cfg, labels_dir):
     """The augmented training view the labels were made on, and the stored MC labels (K=16)."""
-    from dd_dist.core.data import augment
+    from dd_dist.core.augment import augment
 
     split = run_split(cfg, "train")
     ids, probs = load_soft_labels(labels_dir)
@@ -248,7 +248,7 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
 import numpy as np, torch, torch.distributed as dist
 import torch.nn.functional as F
 from dd_dist.config import load_config
-from dd_dist.core.data import run_split
+from dd_dist.data.splits import run_split
 from dd_dist.core.loop import epoch_batches, make_optimizer
 from dd_dist.core.tasks import build_for, teacher_batches
 from dd_dist.train.worker import _engine

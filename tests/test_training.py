@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dd_dist.config import DistillConfig, TrainConfig
-from dd_dist.core.data import load_split
+from dd_dist.data.splits import load_split
 from dd_dist.core.loop import fit
 from dd_dist.core.mc import mc_probs, soft_target_kl
 from dd_dist.core.models import build_model, init_student_from_teacher

@@ -67,7 +67,8 @@ def test_entropy_in_nats_with_zero_probabilities():
 
 from dd_dist.cli import main  # noqa: E402
 from dd_dist.config import load_config  # noqa: E402
-from dd_dist.core.data import row_rng_seed, run_split  # noqa: E402
+from dd_dist.core.augment import row_rng_seed
+from dd_dist.data.splits import run_split  # noqa: E402
 from dd_dist.core.heads import UncertaintyStudent  # noqa: E402
 from dd_dist.core.loop import train_student, train_teacher  # noqa: E402
 from dd_dist.core.models import build_model, load_model, model_spec, save_model  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.core.data import row_rng_seed
+from dd_dist.core.augment import row_rng_seed
 
 
 ELEMENTWISE, CHANNELWISE = (nn.Dropout,), (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # the dropouts MC can seed

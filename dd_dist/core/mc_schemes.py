@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.core.data import row_rng_seed
+from dd_dist.core.augment import row_rng_seed
 from dd_dist.core.mc import MCEstimate, MaskedModel, dropout_layers, entropy, keep_masks, mc_estimate, run_masked
 from dd_dist.schemes import MCScheme
 

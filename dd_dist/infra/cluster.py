@@ -90,7 +90,8 @@ def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpu:
 
 def check_shared_storage(cfg: Config) -> int:
     """Refuse, in one line, a multi-node Ray cluster on which some node cannot see run_dir (the teacher,
-    the label shards and the exported models live there) or the local folder of its checkpoints.
+    the label shards and the exported models live there), data.cache_dir (every process reads the data's
+    Parquet copy there) or the local folder of its checkpoints.
 
     Call it with Ray initialised (inside ray_session), before the first stage. A URI (s3://, gs://, ...)
     is shared by nature; a path is probed: this process writes a file there and a task pinned to each
@@ -100,14 +101,16 @@ def check_shared_storage(cfg: Config) -> int:
     nodes = [n for n in ray.nodes() if n["Alive"]]
     if len(nodes) < 2:
         return len(nodes)
-    for key, path in (("run_dir", cfg.run_dir), ("cluster.storage_path", RunDir(cfg).checkpoints)):
+    for key, path in (("run_dir", cfg.run_dir), ("data.cache_dir", cfg.data.cache_dir),
+                      ("cluster.storage_path", RunDir(cfg).checkpoints)):
         if "://" in path:
             continue
         blind = _nodes_blind_to(Path(path).resolve(), nodes)
         if blind:
             raise UserError(f"{key} {path} is node-local: {len(blind)} of {len(nodes)} Ray nodes cannot see it "
                             f"({', '.join(blind[:3])}); put it on storage every node mounts (NFS)"
-                            + (" or set cluster.storage_path to an s3:// / gs:// bucket" if key != "run_dir" else ""))
+                            + (" or set cluster.storage_path to an s3:// / gs:// bucket" if key == "cluster.storage_path"
+                               else ""))
     return len(nodes)
 
 

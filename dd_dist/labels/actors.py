@@ -2,8 +2,9 @@
 
 The unit of work and of resume is a shard: shard s holds row ids [s*R, (s+1)*R). A Ray Data
 pipeline over the missing shards maps them through an actor pool; each actor loads the teacher
-and the data once, labels its shard's rows (K masks per row, seeded by (seed, row id), so the
-result does not depend on actors, batches or order) and writes the shard atomically.
+once, reads and decodes only its shard's rows from the data's Parquet cache (dd_dist.data), labels
+them (K masks per row, seeded by (seed, row id), so the result does not depend on actors, batches or
+order) and writes the shard atomically. No process holds the split: an actor holds one shard's images.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from dd_dist.config import Config
-from dd_dist.core.data import augment, load_split
+from dd_dist.core.augment import augment
+from dd_dist.data.splits import load_split
 from dd_dist.core.mc import MCEstimate, uncertainty
 from dd_dist.core.mc_schemes import mc_label
 from dd_dist.core.models import load_model
@@ -31,9 +33,9 @@ ACTOR_START_TIMEOUT_S = 600  # an autoscaling cluster may need minutes to add th
 
 def label_rows(model, x: torch.Tensor, ids: torch.Tensor, k: int | MCScheme, seed: int, zero_p: float,
                flip_p: float) -> MCEstimate:
-    """The MC estimate (on the CPU) of rows `ids` of x: the augmented view at epoch 0, K masks (the
-    plain mean) or an MCScheme."""
-    inputs = augment(x[ids], ids, seed, 0, zero_p, flip_p)
+    """The MC estimate (on the CPU) of the rows x, whose ids are `ids`: the augmented view at epoch 0,
+    K masks (the plain mean) or an MCScheme."""
+    inputs = augment(x, ids, seed, 0, zero_p, flip_p)
     device = next(model.parameters()).device
     scheme = k if isinstance(k, MCScheme) else MCScheme(k=k)
     return MCEstimate(*(t.cpu() for t in mc_label(model, inputs.to(device), ids, seed, scheme)))
@@ -57,7 +59,7 @@ class ShardLabeller:
                  device: str = "cpu"):
         torch.set_num_threads(threads)
         self.model = load_model(teacher)[0].to(device)
-        self.x = torch.from_numpy(load_split(**data).x)  # load_split is cached per process
+        self.split = load_split(**data)
         self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p)
         # a fixed K is in the manifest; an adaptive one per row in the shards
         self.storage = dict(dtype=dtype, topk=topk, store_k=scheme.adaptive, store_uncertainty=uncertainty)
@@ -67,8 +69,11 @@ class ShardLabeller:
         done = {"shard": [], "rows": [], "started": [], "finished": [], "pid": []}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"]):
             started = time.time()
-            parts = [label_rows(self.model, self.x, torch.arange(a, min(a + self.batch_size, stop)), **self.mc)
-                     for a in range(start, stop, self.batch_size)]
+            parts = []
+            for a in range(start, stop, self.batch_size):
+                ids = np.arange(a, min(a + self.batch_size, stop))
+                x = torch.from_numpy(self.split.images(ids))
+                parts.append(label_rows(self.model, x, torch.from_numpy(ids), **self.mc))
             estimate = MCEstimate(*(torch.cat(c) for c in zip(*parts)))
             write_shard(self.out / shard_name(shard), shard_table(np.arange(start, stop), estimate, **self.storage))
             for key, value in zip(done, (shard, stop - start, started, time.time(), os.getpid())):

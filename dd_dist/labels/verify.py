@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dd_dist.config import Config
-from dd_dist.core.data import load_split, run_split
+from dd_dist.data.splits import load_split, run_split
 from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
@@ -47,7 +47,8 @@ def reference_split(manifest: dict, cfg: Config):
     if cfg.data.model_fields_set or "seed" in cfg.model_fields_set:
         return run_split(cfg, "train")
     data = manifest["data"]
-    return load_split(data["name"], data.get("split", "train"), cfg.data.path, data["rows"], manifest["seed"])
+    return load_split(data["name"], data.get("split", "train"), cfg.data.path, data["rows"], manifest["seed"],
+                      cfg.data.cache_dir, data.get("transform"), data.get("channels"), cfg.data.skip_bad)
 
 
 def check_teacher(manifest: dict, teacher_file: Path) -> torch.nn.Module:
@@ -99,8 +100,8 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
         scheme = MCScheme.from_record(manifest.get("scheme"), manifest["k"])
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"the manifest's MC scheme {manifest.get('scheme')} is invalid: {e}") from None
-    estimate = label_rows(teacher, torch.from_numpy(split.x), torch.from_numpy(ids), scheme, manifest["seed"],
-                          aug["zero_p"], aug["flip_p"])
+    estimate = label_rows(teacher, torch.from_numpy(split.images(ids)), torch.from_numpy(ids), scheme,
+                          manifest["seed"], aug["zero_p"], aug["flip_p"])
     fresh, fresh_k = estimate.probs.numpy(), estimate.k.numpy()
     if scheme.adaptive and (stored_k is None or not np.array_equal(stored_k, fresh_k)):
         wrong = len(ids) if stored_k is None else int((stored_k != fresh_k).sum())

@@ -20,7 +20,8 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from dd_dist.config import Config
-from dd_dist.core.data import Split, row_rng_seed, run_split
+from dd_dist.core.augment import row_rng_seed
+from dd_dist.data.splits import Split, run_split
 from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins

