@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench bench-ood clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench bench-ood bench-scale clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,13 @@ bench: setup
 OOD_SEEDS ?= 0,1,2
 bench-ood: setup fashion-mnist
 	$(BIN)/python -m benchmarks.ood --seeds $(OOD_SEEDS) distill.epochs=10 distill.lr=0.01 distill.lr_steps=[8]
+
+# Memory per process and throughput against dataset size, benchmarks/results/scale.md: label, one distill epoch
+# and evaluate on synthetic hf: Parquet of 32x32 RGB images; sizes above SCALE_ALL_UP_TO run the label stage only.
+SCALE_ROWS ?= 100000,400000,1600000
+SCALE_ALL_UP_TO ?= 400000
+bench-scale: setup
+	$(BIN)/python -m benchmarks.scale --rows $(SCALE_ROWS) --label-only-above $(SCALE_ALL_UP_TO)
 
 # Cluster targets: launch-cluster, down, cluster-status, submit, logs, stop.
 -include launch/cluster.mk

@@ -110,7 +110,7 @@ def run_cli_calls(calls: list[Call], root: Path, prepare, workers: int = 3) -> d
 def not_cache(cwd: Path) -> list[str]:
     cache = cwd / "data" / "cache"
     return sorted([str(p) for p in (cwd / "data").glob("*") if p != cache]
-                  + [str(p) for p in cache.glob("*") if not (p / "info.json").is_file()])
+                  + [str(p) for p in cache.glob("*") if not (p / "info.json").is_file() and p.name != "checksums.json"])
 
 
 def fork_calls(workers: int = 3) -> None:

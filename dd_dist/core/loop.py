@@ -13,10 +13,10 @@ import torch
 
 from dd_dist.config import Config, TrainConfig
 from dd_dist.core.augment import augment
-from dd_dist.data.splits import Split, run_split
 from dd_dist.core.mc import mc_estimate, uncertainty
 from dd_dist.core.models import load_model, save_model
 from dd_dist.core.tasks import BatchFn, StudentTask, Task, TeacherTask
+from dd_dist.data.splits import Split, run_split
 from dd_dist.layout import RunDir
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:

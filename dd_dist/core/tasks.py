@@ -25,10 +25,10 @@ from torch import nn
 
 from dd_dist.config import Config, DistillConfig, TrainConfig
 from dd_dist.core.augment import augment
-from dd_dist.data.splits import Split
 from dd_dist.core.heads import HIDDEN, UncertaintyStudent, uncertainty_loss
 from dd_dist.core.mc import dropout_layers, online_targets, soft_target_kl
 from dd_dist.core.models import build_model, check_for_mc, init_student_from_teacher, load_model, model_spec
+from dd_dist.data.splits import Split
 from dd_dist.layout import RunDir
 
 BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]

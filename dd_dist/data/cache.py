@@ -2,6 +2,7 @@
 
     <data.cache_dir>/<source>-<key>/info.json            written last: a folder with it is complete
     <data.cache_dir>/<source>-<key>/<split>/part-XXXXX.parquet   ROWS_PER_FILE rows each, in id order
+    <data.cache_dir>/checksums.json                      the source files' sha256, by path, size and mtime
 
 Columns: `id` (int64, 0..N-1 within the split), `label` (int64), `shape` (C, H, W as stored), and
 either `image` (the row's pixels, raw bytes of info["dtype"]) for the built-in and hf: sources, or
@@ -31,10 +32,11 @@ import pyarrow.parquet as pq
 
 from dd_dist.data import imagefolder, sources
 from dd_dist.errors import UserError
-from dd_dist.files import file_sha256
+from dd_dist.files import file_sha256, write_json
 
 CACHE_VERSION = 1
 INFO = "info.json"
+CHECKSUMS = "checksums.json"  # the source files' sha256 by (path, size, mtime)
 ROWS_PER_FILE = 65_536
 ROW_GROUP = 1024  # the unit a row-range read decodes: small, so a shard reads little beyond its rows
 CHUNK = 4096  # rows decoded and written at a time while building (ROWS_PER_FILE is a multiple of it)
@@ -88,9 +90,10 @@ def open_source(name: str, path: str | None, seed: int, cache_dir: str, channels
                 skip_bad: bool = False) -> Cached:
     """The cache entry of a source, built first if missing."""
     name, path, seed = source_key(name, path, seed)
-    key = _key(name, path, seed, channels, skip_bad)
+    cache = Path(cache_dir).expanduser().absolute()
+    key = _key(name, path, seed, channels, skip_bad, cache)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name if path is None else f"{name}-{Path(path).name}")[-60:]
-    root = Path(cache_dir).expanduser().absolute() / f"{slug}-{key}"
+    root = cache / f"{slug}-{key}"
     files_root = path if name == "imagefolder" else None
     if not (root / INFO).is_file():
         _build(root, name, path, seed, channels, skip_bad, key)
@@ -119,28 +122,42 @@ def source_key(name: str, path: str | None, seed: int) -> tuple[str, str | None,
     return name, str(Path(path).expanduser().absolute()), 0
 
 
-def _key(name: str, path: str | None, seed: int, channels: int | None, skip_bad: bool) -> str:
+def _key(name: str, path: str | None, seed: int, channels: int | None, skip_bad: bool, cache_dir: Path) -> str:
     h = hashlib.sha256(json.dumps([CACHE_VERSION, name, seed]).encode())
     if name == "imagefolder":
         h.update(json.dumps([channels, skip_bad, imagefolder.listing(Path(path))]).encode())
-    elif name.startswith("hf:"):
+        return h.hexdigest()[:16]
+    if name.startswith("hf:"):
         local = Path(name[3:]).expanduser()
         files = sorted(f for f in local.rglob("*") if f.is_file() and ".cache" not in f.parts) if local.is_dir() else []
-        h.update(json.dumps([str(local.absolute()) if local.is_dir() else name,
-                             [(str(f.relative_to(local)), _sha(f)) for f in files]]).encode())
+        h.update(json.dumps(str(local.absolute()) if local.is_dir() else name).encode())
     else:
-        h.update(json.dumps([(f.name, _sha(f)) for f in sources.source_files(name, path)]).encode())
+        local, files = None, sources.source_files(name, path)
+    checksums = _checksums(files, cache_dir)
+    h.update(json.dumps([(str(f.relative_to(local)) if local else f.name, checksums[str(f)]) for f in files]).encode())
     return h.hexdigest()[:16]
 
 
-def _sha(file: Path) -> str:
-    stat = file.stat()
-    return _sha_of(str(file), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=1024)
-def _sha_of(file: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
-    return file_sha256(file)
+def _checksums(files: list[Path], cache_dir: Path) -> dict[str, str]:
+    """sha256 of each file, remembered in cache_dir/CHECKSUMS by (path, size, mtime): every stage, actor and
+    worker opens the source, and a large one would be read in full each time."""
+    memo_file = cache_dir / CHECKSUMS
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = {}, False
+    for f in files:
+        stat = f.stat()
+        stamp = f"{f}|{stat.st_size}|{stat.st_mtime_ns}"
+        if stamp not in memo:
+            memo[stamp], changed = file_sha256(f), True
+        out[str(f)] = memo[stamp]
+    if changed:
+        with contextlib.suppress(UserError):  # a read-only cache_dir: only the memo is lost
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            write_json(memo_file, memo)
+    return out
 
 
 def _build(root: Path, name: str, path: str | None, seed: int, channels: int | None, skip_bad: bool,

@@ -55,8 +55,7 @@ def listing(root: Path) -> list:
     """Every image file's (path, size, mtime): what the cache key of a folder is made of (cheap: no reads)."""
     if not root.is_dir():
         raise UserError(f"image folder not found: {root}")
-    files = [f for f in _images_in(root)]
-    return [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in _images_in(root)]
 
 
 def index(root: Path, channels: int | None, skip_bad: bool) -> Index:
@@ -69,7 +68,8 @@ def index(root: Path, channels: int | None, skip_bad: bool) -> Index:
     if not classes:
         raise UserError(f"image folder {folders['train']} has no class folders")
     splits, skipped, native = {}, {}, {}  # native: channel count as decoded -> its first file
-    files = {split: _class_files(folder, classes) for split, folder in folders.items() if folder is not None}
+    files = {split: _class_files(folder, classes, every_class=split == "train")
+             for split, folder in folders.items() if folder is not None}
     bar = tqdm(total=sum(len(f) for f in files.values()), desc=f"indexing {root}", unit="images")
     for split, entries in files.items():
         splits[split], skipped[split] = [], []
@@ -95,7 +95,8 @@ def index(root: Path, channels: int | None, skip_bad: bool) -> Index:
     return Index(classes, splits, skipped)
 
 
-def _class_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def _class_files(folder: Path, classes: list[str], every_class: bool) -> list[tuple[Path, int]]:
+    """(file, label) of a split's images; every_class: each class folder must hold images (train's)."""
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -103,7 +104,7 @@ def _class_files(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     out = []
     for label, name in enumerate(classes):
         images = _images_in(folder / name) if (folder / name).is_dir() else []
-        if not images and folder.name == "train":
+        if not images and every_class:
             raise UserError(f"class folder {folder / name} has no images ({', '.join(sorted(EXTENSIONS))})")
         out.extend((f, label) for f in images)
     return out

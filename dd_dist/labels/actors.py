@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from dd_dist.config import Config
 from dd_dist.core.augment import augment
-from dd_dist.data.splits import load_split
 from dd_dist.core.mc import MCEstimate, uncertainty
 from dd_dist.core.mc_schemes import mc_label
 from dd_dist.core.models import load_model
+from dd_dist.data.splits import load_split
 from dd_dist.errors import UserError
 from dd_dist.infra.cluster import ray_session
 from dd_dist.labels.format import label_table, shard_name, write_shard

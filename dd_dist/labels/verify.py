@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import torch
 
 from dd_dist.config import Config
-from dd_dist.data.splits import load_split, run_split
 from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
+from dd_dist.data.splits import load_split, run_split
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
 from dd_dist.labels.actors import label_rows

@@ -5,7 +5,8 @@ Writes run_dir/eval/results.json (layout.RunDir.results) and logs to MLflow an "
 (the MC curve: error and NLL over K as steps, results.json) with one child run per method: `standard`,
 `mc-K` for each K, `distilled`. Every method run carries the same metric keys (METHOD_METRICS) and
 says its method, K, dataset, arch, p and pipeline run as params and tags, so the MLflow UI charts
-"method" as a dimension and runs with different eval.ks line up.
+"method" as a dimension and runs with different eval.ks line up. The test split is read batch by batch
+(test_batches), never held whole; latency counts the predictions, not the reading.
 """
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from dd_dist.config import Config
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.data.splits import Split, run_split
 from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
+from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
 from dd_dist.files import write_json
 from dd_dist.infra.tracking import Tracker, active_run_id
@@ -114,10 +116,8 @@ def head_agreement(student: UncertaintyStudent, split: Split, batch_size: int, n
                    reference: torch.Tensor) -> dict:
     """The student head's mutual information on the test split against `reference`, MC's per row (the MC
     method `name`, the masks of its first seed): Spearman rank correlation and mean absolute error in nats."""
-    x = torch.from_numpy(split.x)
     with torch.inference_mode():
-        head = torch.cat([student(x[i : i + batch_size], uncertainty=True)[1].double()
-                          for i in range(0, len(split), batch_size)])
+        head = torch.cat([student(x, uncertainty=True)[1].double() for x, _ in test_batches(split, batch_size)])
     return {"reference": name, "spearman": float(spearmanr(head, reference).statistic),
             "mae": float((head - reference).abs().mean()), "head_mean": float(head.mean()),
             "reference_mean": float(reference.mean())}
@@ -187,15 +187,25 @@ def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> tuple[di
     return out, first_mutual_info
 
 
+def test_batches(split: Split, batch_size: int):
+    """(images, ids) of the split, batch by batch, each read and decoded when it is reached: the split is
+    never held whole."""
+    for start in range(0, len(split), batch_size):
+        ids = np.arange(start, min(start + batch_size, len(split)))
+        yield torch.from_numpy(split.images(ids)), torch.from_numpy(ids)
+
+
 def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: bool):
-    """(probabilities, expected entropy) of the whole split, batch by batch, and the wall time of that prediction."""
-    x, ids = torch.from_numpy(split.x), torch.arange(len(split))
+    """(probabilities, expected entropy) of the whole split, batch by batch, and the time its predictions took
+    (reading and decoding the images excluded: they are the data pipeline's, not the method's)."""
+    parts, seconds = [], 0.0
     with torch.inference_mode():
-        if warm_up:  # first-call allocations are not per-image latency
-            predict(x[:batch_size], ids[:batch_size])
-        start = time.perf_counter()
-        parts = [predict(x[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, len(split), batch_size)]
-        seconds = time.perf_counter() - start
+        for i, (x, ids) in enumerate(test_batches(split, batch_size)):
+            if warm_up and i == 0:  # first-call allocations are not per-image latency
+                predict(x, ids)
+            start = time.perf_counter()
+            parts.append(predict(x, ids))
+            seconds += time.perf_counter() - start
     return tuple(torch.cat(column) for column in zip(*parts)), seconds
 
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 
 import dd_dist
 from dd_dist.config import Config
-from dd_dist.data.splits import Split, run_split
 from dd_dist.core.mc_schemes import check_model
 from dd_dist.core.models import check_fits, load_model
+from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256, write_json
 from dd_dist.infra.cluster import check_resources, ray_session

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from dd_dist.config import Config
-from dd_dist.data.splits import Split, run_split
 from dd_dist.core.models import check_fits, is_factory, read_checkpoint
 from dd_dist.core.tasks import StudentTask, Task, build_student, build_teacher
+from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
 from dd_dist.infra.cluster import check_resources, ray_session

@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 from dd_dist.config import Config
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.data.splits import run_split
 from dd_dist.core.loop import epoch_batches, lr_at, print_epoch
 from dd_dist.core.models import save_model
 from dd_dist.core.tasks import SoftLabels
+from dd_dist.data.splits import run_split
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.format import table_probs
 from dd_dist.layout import HISTORY, MODEL
