@@ -78,11 +78,12 @@ class Split:
     @property
     def x(self) -> np.ndarray:
         """The whole split, float32 (N, C, H, W), loaded once per process."""
-        return _whole(self.source, self.split, self.transform, self.channels, self.name)[0][: self.rows]
+        return _whole(self.source, self.split, self.transform, self.channels, self.name)[: self.rows]
 
     @property
     def y(self) -> np.ndarray:
-        return _whole(self.source, self.split, self.transform, self.channels, self.name)[1][: self.rows]
+        """The labels, int64 (N,): one column read, no pixels."""
+        return _labels(self.source, self.split)[: self.rows]
 
 
 @lru_cache(maxsize=4)
@@ -90,7 +91,12 @@ def _whole(source: Cached, split: str, transform: Transform, channels: int | Non
     full = _split(source, split, transform, channels, name, rows=0)
     x = np.concatenate([full.images(np.arange(a, min(a + 8192, len(full))))
                         for a in range(0, len(full), 8192)]) if len(full) else full.images([])
-    return np.ascontiguousarray(x), source.column(split, "label")
+    return np.ascontiguousarray(x)
+
+
+@lru_cache(maxsize=8)
+def _labels(source: Cached, split: str) -> np.ndarray:
+    return source.column(split, "label")
 
 
 def load_split(name: str, split: str, path: str | None = None, rows: int = 0, seed: int = 0,
