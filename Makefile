@@ -68,9 +68,9 @@ bench-ood: setup fashion-mnist
 	$(BIN)/python -m benchmarks.ood --seeds $(OOD_SEEDS) distill.epochs=10 distill.lr=0.01 distill.lr_steps=[8]
 
 # Memory per process and throughput against dataset size, benchmarks/results/scale.md: label, one distill epoch
-# and evaluate on synthetic hf: Parquet of 32x32 RGB images; sizes above SCALE_ALL_UP_TO run the label stage only.
+# and evaluate on synthetic hf: Parquet of 32x32 RGB images; sizes above SCALE_ALL_UP_TO (0: none) run the label stage only.
 SCALE_ROWS ?= 100000,400000,1600000
-SCALE_ALL_UP_TO ?= 400000
+SCALE_ALL_UP_TO ?= 0
 bench-scale: setup
 	$(BIN)/python -m benchmarks.scale --rows $(SCALE_ROWS) --label-only-above $(SCALE_ALL_UP_TO)
 

@@ -1,7 +1,7 @@
 """Memory and throughput against dataset size: `make bench-scale`.
 
     .venv/bin/python -m benchmarks.scale [--rows 100000,400000,1600000] [--stages label,distill,evaluate]
-                                          [--label-only-above 400000]
+                                          [--label-only-above 0]
 
 Data: a synthetic Hugging Face Parquet folder of 32x32 RGB images (PNG bytes, as image datasets on the hub
 store them; ten classes, a class colour plus noise) of N training rows, 1k validation and 10k test rows, written once per
@@ -207,6 +207,10 @@ def finding(report: dict) -> str:
     rates = report["label_rows_per_s"]
     parts.append(f"label time per row at {report['rows'][last]} = {rates[first] / rates[last]:.2f}x that at "
                  f"{report['rows'][first]}")
+    distill = [(n, r) for n, r in zip(report["rows"], report["distill_samples_per_s"]) if r]
+    if len(distill) > 1:
+        parts.append(f"distill time per sample at {distill[-1][0]} = {distill[0][1] / distill[-1][1]:.2f}x that at "
+                     f"{distill[0][0]}")
     parts.append(f"{sum(report['lost_rows'])} rows lost, {sum(report['duplicate_rows'])} duplicated")
     return "Measured: " + "; ".join(parts) + "."
 

@@ -39,6 +39,8 @@ class DataConfig(Section):
     std: list[float] | None = None
     channels: Literal[1, 3] | None = None  # image files converted to grayscale (1) or RGB (3); unset: as they are
     skip_bad: bool = False  # image files that do not decode: false refuses the folder, true leaves them out
+    # rows each training worker shuffles in memory (besides a fresh chunk order each epoch); 0: chunk order only
+    shuffle_buffer: int = Field(4096, ge=0)
     zero_p: float = Field(0.2, ge=0, lt=1)  # distillation augmentation: pixel zeroing
     flip_p: float = Field(0.0, ge=0, le=1)  # horizontal flips (off for digits)
 

@@ -116,9 +116,7 @@ def labels(teacher_run):
 
 @pytest.fixture(scope="module")
 def offline_runs(labels, run_dir):
-    """The offline student with ZeRO-2 on 2 workers and on 1, same global batch and seed.
-    Dropout off in the student (model.p=0): masks are drawn per process, so only a dropout-free
-    forward pass is invariant to how a batch is split over workers."""
+    """The offline student with ZeRO-2 on 2 workers and on 1, same global batch and seed, student dropout off."""
     runs = {}
     for workers in (2, 1):
         cfg = config(run_dir, "model.p=0", "distill.init=teacher", "cluster.deepspeed=configs/deepspeed/zero2.json",
@@ -175,14 +173,17 @@ def test_export_loads_weights_only_and_predicts_like_the_engine(teacher_run, run
 
 
 @pytest.mark.slow
-def test_two_zero2_workers_follow_the_loss_curve_of_one(offline_runs):
+def test_two_zero2_workers_learn_like_one(offline_runs, labels, teacher_run):
+    """Two workers split the stream (other batches than one worker's, same global batch size): every row
+    once per epoch, and the same fit to the MC labels within the noise of the order."""
     (model2, hist2), (model1, hist1) = offline_runs[2], offline_runs[1]
     assert [r["world"] for r in hist2] == [2] * 3 and [r["world"] for r in hist1] == [1] * 3
-    # Same batches, same global gradient: only float32 summation order differs (two half-batch
-    # gradients all-reduced vs one), ~1e-7 per step, so 1e-4 relative over 48 steps is generous.
-    np.testing.assert_allclose([r["loss"] for r in hist2], [r["loss"] for r in hist1], rtol=1e-4)
-    for a, b in zip(model2.state_dict().values(), model1.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [r["rows"] for r in hist2] == [r["rows"] for r in hist1] == [512] * 3
+    losses2, losses1 = [r["loss"] for r in hist2], [r["loss"] for r in hist1]
+    assert losses2[-1] < losses2[0] and losses1[-1] < losses1[0]
+    np.testing.assert_allclose(losses2, losses1, rtol=0.1)
+    inputs, mc = augmented_inputs_and_labels(teacher_run[0], labels)
+    assert kl_to(model2, inputs, mc) == pytest.approx(kl_to(model1, inputs, mc), rel=0.1)
 
 
 @pytest.mark.slow
@@ -295,8 +296,9 @@ def test_the_deepspeed_engine_takes_the_plain_loops_steps(tmp_path):
 
 @pytest.mark.slow
 def test_a_student_with_an_uncertainty_head_trains_on_deepspeed(labels, run_dir):
+    # lr 0.01: at 0.05 the head's ReLUs died on some row orders (a constant head; its loss stayed at 3.7)
     cfg = config(run_dir, "distill.uncertainty=true", "cluster.num_workers=1", "distill.epochs=10",
-                 "distill.lr=0.05", "distill.lr_steps=[8]")
+                 "distill.lr=0.01", "distill.lr_steps=[8]")
     path, history = train(cfg, StudentTask)
     model, spec = load_model(path)  # the export records the head and loads with weights_only=True
     assert spec["uncertainty_head"] == {"hidden": 32} and history[-1]["loss"] < history[0]["loss"]
@@ -304,7 +306,8 @@ def test_a_student_with_an_uncertainty_head_trains_on_deepspeed(labels, run_dir)
     stored = pq.read_table(labels / "train").sort_by("id").column("mutual_info").to_numpy()
     with torch.no_grad():
         head = model(inputs, uncertainty=True)[1]
-    assert spearmanr(head.numpy(), stored).statistic > 0.5  # it learned the stored mutual information's ranking
+    rho = spearmanr(head.numpy(), stored).statistic
+    assert rho > 0.5, rho  # it learned the stored mutual information's ranking (0.87 when written)
 
 
 @pytest.mark.slow

@@ -68,14 +68,14 @@ def test_entropy_in_nats_with_zero_probabilities():
 from dd_dist.cli import main  # noqa: E402
 from dd_dist.config import load_config  # noqa: E402
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.data.splits import run_split  # noqa: E402
+from dd_dist.data.splits import load_split, run_split  # noqa: E402
 from dd_dist.core.heads import UncertaintyStudent  # noqa: E402
 from dd_dist.core.loop import train_student, train_teacher  # noqa: E402
 from dd_dist.core.models import build_model, load_model, model_spec, save_model  # noqa: E402
-from dd_dist.labels.format import label_table  # noqa: E402
+from dd_dist.labels.format import label_table, shard_name, write_shard  # noqa: E402
 from dd_dist.layout import RunDir  # noqa: E402
 from dd_dist.stages.evaluate import EVAL_SEED_SALT, evaluate  # noqa: E402
-from dd_dist.train.worker import _read_labels  # noqa: E402
+from dd_dist.train.rows import read_chunks  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 
@@ -147,19 +147,20 @@ def test_head_mistakes_are_one_line(tmp_path, capsys):
     assert code == 2 and "uncertainty=true needs mode=offline" in err and "\n" not in err
 
 
-def test_a_head_reads_the_mutual_info_beside_top_k_labels():
-    """Top-k storage keeps the uncertainty columns whole: the head's targets are the rebuilt top-k
-    distribution and the stored mutual information."""
-    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+def test_a_head_reads_the_mutual_info_beside_top_k_labels(tmp_path):
+    """Top-k storage keeps the uncertainty columns whole: the training stream's targets are the rebuilt
+    top-k distribution and the stored mutual information, beside the rows' images."""
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0]], np.float32)
     columns = {"entropy": np.array([0.8, 0.64]), "expected_entropy": np.array([0.5, 0.6]),
                "mutual_info": np.array([0.3, 0.04])}
-    table = label_table(np.array([4, 9]), probs, np.zeros(2), "topk", 2, uncertainty=columns)
-
-    class Shard:  # what ray.train.get_dataset_shard gives, reduced to the one call the worker makes
-        def iter_batches(self, **kwargs):
-            return [table]
-
-    ids, targets = _read_labels(Shard(), 3, mutual_info=True)
-    assert ids.tolist() == [4, 9] and targets.shape == (2, 4)
+    write_shard(tmp_path / shard_name(0), label_table(np.array([0, 1]), probs, np.zeros(2), "topk", 2,
+                                                      uncertainty=columns))
+    split = load_split("synthetic", "train")
+    chunk = {"start": np.array([0]), "stop": np.array([2]), "file": np.array([shard_name(0)]), "offset": np.array([0])}
+    rows = read_chunks(chunk, split, str(tmp_path), uncertainty=True)
+    targets = torch.from_numpy(rows["target"])
+    assert rows["id"].tolist() == [0, 1] and targets.shape == (2, 5)
+    assert np.array_equal(rows["x"], split.images([0, 1]))
     assert torch.allclose(targets[:, -1], torch.tensor([0.3, 0.04]))
-    assert torch.allclose(targets[0, :3], torch.tensor([0.7, 0.2, 0.1])) and torch.allclose(targets[:, :3].sum(1), torch.ones(2))
+    assert torch.allclose(targets[0, :2], torch.tensor([0.7, 0.2])) and torch.allclose(targets[:, :4].sum(1), torch.ones(2))
+    assert torch.allclose(targets[0, 2:4], torch.tensor([0.05, 0.05]))  # the rest spread over the other classes

@@ -1,6 +1,7 @@
-"""The single-process reference of the training stages, in plain PyTorch: the loop that the DeepSpeed
-workers (dd_dist.train.worker) follow step for step, and whole teacher / student runs on it, used by
-tests and benchmarks as the baseline of the distributed ones.
+"""The single-process reference of the training stages, in plain PyTorch, on a split held in memory: the
+loop whose steps a DeepSpeed engine takes on the same batches (test_trainer), and whole teacher / student
+runs on it, used by tests and benchmarks as the baseline of the distributed ones (which stream their
+rows instead, in other batches: dd_dist.train.rows).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dd_dist.config import Config, TrainConfig
 from dd_dist.core.augment import augment
 from dd_dist.core.mc import mc_estimate, uncertainty
 from dd_dist.core.models import load_model, save_model
-from dd_dist.core.tasks import BatchFn, StudentTask, Task, TeacherTask
+from dd_dist.core.tasks import BatchFn, StudentTask, Task, TeacherTask, in_memory
 from dd_dist.data.splits import Split, run_split
 from dd_dist.layout import RunDir
 
@@ -81,10 +82,14 @@ def soft_labels_in_memory(cfg: Config, teacher: torch.nn.Module, split: Split) -
     return torch.cat(out)
 
 
-def _train(cfg: Config, task: Task, labels=None) -> Path:
+def _train(cfg: Config, task: Task, targets: torch.Tensor | None = None) -> Path:
+    """`task` on the training split in memory; targets: the soft labels of its rows in order (default: the
+    hard labels)."""
     split = run_split(cfg, "train")
-    setup = task.setup(cfg, split, labels)
-    fit(setup.model, task.options(cfg), len(split), setup.batches, task, cfg.seed)
+    setup = task.setup(cfg, split)
+    targets = torch.from_numpy(split.y) if targets is None else targets
+    batches = in_memory(torch.from_numpy(split.x), targets, setup.prepare)
+    fit(setup.model, task.options(cfg), len(split), batches, task, cfg.seed)
     path = RunDir(cfg).model(task.role)
     save_model(path, setup.model, setup.spec, {"data_fingerprint": setup.fingerprint})
     return path
@@ -101,5 +106,4 @@ def train_student(cfg: Config, soft_labels: torch.Tensor | None = None) -> Path:
     if cfg.distill.mode == "offline" and soft_labels is None:
         split = run_split(cfg, "train")
         soft_labels = soft_labels_in_memory(cfg, load_model(RunDir(cfg).teacher)[0], split)
-    labels = None if soft_labels is None else (torch.arange(len(soft_labels)), soft_labels)
-    return _train(cfg, StudentTask, labels)
+    return _train(cfg, StudentTask, soft_labels)

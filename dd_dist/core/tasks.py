@@ -8,9 +8,10 @@ build a stage the same way, from the config and the training split:
                   augmented view at epoch 0; online (the paper's Algorithm 2), a fresh augmentation and
                   ONE teacher mask per example and step
 
-A batch function `batches(ids, epoch, step) -> (inputs, targets)` gives the rows of one step, and the
-task's `loss(model, inputs, targets)` runs the model (a module, or the DeepSpeed engine around it) on
-them. A student with an uncertainty head (distill.uncertainty) has targets of C + 1 columns: the soft
+A stage's `prepare(ids, images, targets, epoch, step) -> (inputs, targets)` turns the rows of one step
+(streamed to a DeepSpeed worker, or taken from arrays in memory by a batch function
+`batches(ids, epoch, step)` in the plain loop) into the model's inputs and targets, and the task's
+`loss(model, inputs, targets)` runs the model (a module, or the DeepSpeed engine around it) on them. A student with an uncertainty head (distill.uncertainty) has targets of C + 1 columns: the soft
 label and the row's mutual information.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,19 +32,18 @@ from dd_dist.data.splits import Split
 from dd_dist.layout import RunDir
 
 BatchFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
-# (row ids, float32 targets (rows, classes)): the soft labels, with the mutual information as one more column
-# for a student with an uncertainty head
-SoftLabels = tuple[torch.Tensor, torch.Tensor]
+# (ids, images, targets, epoch, step) -> (inputs, targets): what a stage makes of the rows of one step, wherever
+# they come from (the streamed training dataset of dd_dist.train.rows, or arrays in memory)
+Prepare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class Setup:
-    """What a stage trains: the model (and its checkpoint spec) and the rows it trains on."""
+    """What a stage trains: the model (and its checkpoint spec) and what it makes of a step's rows."""
 
     model: nn.Module
     spec: dict
-    batches: BatchFn
-    ids: np.ndarray  # row ids of the training split to train on
+    prepare: Prepare
     fingerprint: str  # the training data's, recorded in the exported checkpoint
 
 
@@ -71,26 +70,40 @@ def build_student(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
     return build_model(**spec), spec
 
 
+def teacher_inputs(ids, x, labels, epoch, step):
+    return x, labels
+
+
+def offline_inputs(seed: int, zero_p: float, flip_p: float) -> Prepare:
+    """Student inputs are the augmented view the labels were computed on (augmentation epoch 0)."""
+    return lambda ids, x, soft, epoch, step: (augment(x, ids, seed, 0, zero_p, flip_p), soft)
+
+
+def online_inputs(teacher: nn.Module, seed: int, zero_p: float, flip_p: float) -> Prepare:
+    """Algorithm 2: a fresh augmentation and ONE teacher dropout mask per example and step."""
+
+    def prepare(ids, x, labels, epoch, step):
+        inputs = augment(x, ids, seed, epoch, zero_p, flip_p)
+        return inputs, online_targets(teacher, inputs, ids, seed, step)
+
+    return prepare
+
+
+def in_memory(x: torch.Tensor, targets: torch.Tensor, prepare: Prepare) -> BatchFn:
+    """The batches of the plain loop: rows `ids` of arrays in memory."""
+    return lambda ids, epoch, step: prepare(ids, x[ids], targets[ids], epoch, step)
+
+
 def teacher_batches(split: Split) -> BatchFn:
-    x, y = torch.from_numpy(split.x), torch.from_numpy(split.y)
-    return lambda ids, epoch, step: (x[ids], y[ids])
+    return in_memory(torch.from_numpy(split.x), torch.from_numpy(split.y), teacher_inputs)
 
 
 def offline_batches(split: Split, soft_labels: torch.Tensor, seed: int, zero_p: float, flip_p: float) -> BatchFn:
-    """Student inputs are the augmented view the labels were computed on (augmentation epoch 0)."""
-    x = torch.from_numpy(split.x)
-    return lambda ids, epoch, step: (augment(x[ids], ids, seed, 0, zero_p, flip_p), soft_labels[ids])
+    return in_memory(torch.from_numpy(split.x), soft_labels, offline_inputs(seed, zero_p, flip_p))
 
 
 def online_batches(split: Split, teacher: nn.Module, seed: int, zero_p: float, flip_p: float) -> BatchFn:
-    """Algorithm 2: a fresh augmentation and ONE teacher dropout mask per example and step."""
-    x = torch.from_numpy(split.x)
-
-    def batch(ids, epoch, step):
-        inputs = augment(x[ids], ids, seed, epoch, zero_p, flip_p)
-        return inputs, online_targets(teacher, inputs, ids, seed, step)
-
-    return batch
+    return in_memory(torch.from_numpy(split.x), torch.from_numpy(split.y), online_inputs(teacher, seed, zero_p, flip_p))
 
 
 class TeacherTask:
@@ -112,10 +125,10 @@ class TeacherTask:
         model.train()
 
     @staticmethod
-    def setup(cfg: Config, split: Split, labels: SoftLabels | None = None, label_seed: int | None = None) -> Setup:
+    def setup(cfg: Config, split: Split, label_seed: int | None = None) -> Setup:
         torch.manual_seed(cfg.seed)
         model, spec = build_teacher(cfg, split)
-        return Setup(model, spec, teacher_batches(split), np.arange(len(split)), split.fingerprint)
+        return Setup(model, spec, teacher_inputs, split.fingerprint)
 
 
 class StudentTask:
@@ -149,9 +162,9 @@ class StudentTask:
                 module.eval()
 
     @staticmethod
-    def setup(cfg: Config, split: Split, labels: SoftLabels | None = None, label_seed: int | None = None) -> Setup:
-        """Offline: `labels` are the soft labels of rows ids (augmentation seed `label_seed`, default cfg.seed);
-        online (distill.mode=online) needs none."""
+    def setup(cfg: Config, split: Split, label_seed: int | None = None) -> Setup:
+        """Offline, the targets are the soft labels of labels made with augmentation seed `label_seed`
+        (default cfg.seed); online (distill.mode=online), the rows' hard labels, unused."""
         torch.manual_seed(cfg.seed)
         teacher, _ = load_model(RunDir(cfg).teacher)
         model, spec = build_student(cfg, split)
@@ -162,18 +175,10 @@ class StudentTask:
             init_student_from_teacher(net, teacher)
         zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p
         if cfg.distill.mode == "online":
-            batches = online_batches(split, teacher, cfg.seed, zero_p, flip_p)
-            return Setup(model, spec, batches, np.arange(len(split)), split.fingerprint)
-        ids, targets = labels
-        want = split.num_classes + cfg.distill.uncertainty
-        if targets.shape[1] != want:
-            raise ValueError(f"distill targets have {targets.shape[1]} columns, the student needs {want}")
-        soft = torch.zeros(len(split), want)
-        soft[ids] = targets
+            return Setup(model, spec, online_inputs(teacher, cfg.seed, zero_p, flip_p), split.fingerprint)
         # The inputs the labels were computed on: augmentation epoch 0 with the labels' own seed.
         seed = cfg.seed if label_seed is None else label_seed
-        return Setup(model, spec, offline_batches(split, soft, seed, zero_p, flip_p), np.sort(ids.numpy()),
-                     split.fingerprint)
+        return Setup(model, spec, offline_inputs(seed, zero_p, flip_p), split.fingerprint)
 
 
 Task = type[TeacherTask] | type[StudentTask]  # a stage is its class: picklable by name, for Ray Train workers

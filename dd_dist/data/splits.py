@@ -1,8 +1,9 @@
 """A split of a dataset: its metadata, and its rows read from the Parquet cache on demand.
 
 `Split` holds no pixels. `split.images(ids)` reads and decodes only those rows and applies the
-data.* transforms (what a label actor does with its shard); `split.x` / `split.y` load the whole split
-into memory once per process, for the stages that do not stream yet (do not write into them). Splits
+data.* transforms (what a label actor does with its shard, and each read task of the training stream,
+dd_dist.train.rows); `split.x` / `split.y` load the whole split into memory once per process, for the
+plain single-process loop, tests and benchmarks on small data (do not write into them). Splits
 are train / val / test; row ids run 0..N-1 within a split, and `rows` > 0 keeps the first rows.
 """
 from __future__ import annotations
@@ -49,13 +50,18 @@ class Split:
 
     def images(self, ids) -> np.ndarray:
         """float32 (len(ids), C, H, W): the rows `ids`, decoded and transformed."""
+        return self.examples(ids, with_labels=False)[0]
+
+    def examples(self, ids, with_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(images as `images` gives them, int64 labels) of the rows `ids`, read together."""
         ids = np.asarray(ids, np.int64)
         if not len(ids):
-            return np.zeros((0, *self.in_shape), np.float32)
+            return np.zeros((0, *self.in_shape), np.float32), np.zeros(0, np.int64)
         if ids.min() < 0 or ids.max() >= self.rows:
             raise IndexError(f"row ids outside 0..{self.rows - 1} of {self.name} {self.split}")
         columns = ["shape", "file"] if self.source.info["kind"] == "files" else ["shape", "image"]
-        return self.decode(self.source.read(self.split, ids, columns))
+        table = self.source.read(self.split, ids, columns + ["label"] * with_labels)
+        return self.decode(table), table.column("label").to_numpy() if with_labels else None
 
     def decode(self, table: pa.Table) -> np.ndarray:
         """float32 (rows, C, H, W) of cache rows (their `shape` and `image` or `file` columns)."""

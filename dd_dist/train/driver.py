@@ -21,8 +21,9 @@ from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
 from dd_dist.infra.cluster import check_resources, ray_session
 from dd_dist.infra.tracking import Tracker
-from dd_dist.labels.format import SHARDS, check_labels_match, check_shards, read_manifest
+from dd_dist.labels.format import check_labels_match, check_shards, read_manifest
 from dd_dist.layout import HISTORY, MODEL, RunDir
+from dd_dist.train.rows import data_config, training_dataset
 from dd_dist.train.worker import train_worker
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -55,13 +56,12 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     labels, KL) with cluster.num_workers DeepSpeed workers; returns (run_dir/<role>/model.pt, per-epoch
     metrics).
 
-    Each metrics row holds epoch, loss, lr, samples_per_s, epoch_seconds, setup_seconds,
+    Each metrics row holds epoch, loss, lr, rows (trained on, over all ranks), samples_per_s, epoch_seconds, setup_seconds,
     threads, world, nodes (the Ray node id of each rank) and resumed_from (the epoch of the
     checkpoint its worker group started from, 0 for a fresh start). Rank 0 also logs each epoch
     to the MLflow run `run_id`.
     """
-    import ray  # heavy: only where training runs
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # heavy: only where training runs
     from ray.train.torch import TorchConfig, TorchTrainer
 
     opt, workers, run = task.options(cfg), cfg.cluster.num_workers, RunDir(cfg)
@@ -73,28 +73,24 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     split = run_split(cfg, "train")
     if is_factory(cfg.model.arch) or cfg.distill.arch:  # a user's net: fails here, not in each worker
         (build_student if task is StudentTask else build_teacher)(cfg, split)
-    labels, label_seed = None, cfg.seed
+    labels, shards, label_seed = None, None, cfg.seed
     if task is StudentTask:
         check_teacher(cfg, split)
         if cfg.distill.mode == "offline":
-            labels, label_seed = checked_labels(cfg, split)
+            labels, shards, label_seed = checked_labels(cfg, split)
     absolute = cfg.resolved()  # the workers may start in another directory or on another node
-    loop_config = {"cfg": absolute.model_dump(), "task": task, "ds": ds_config, "labels": labels is not None,
-                   "label_seed": label_seed, "tracking": Tracker(cfg).for_workers(run_id)}
+    loop_config = {"cfg": absolute.model_dump(), "task": task, "ds": ds_config, "label_seed": label_seed,
+                   "tracking": Tracker(cfg).for_workers(run_id)}
     # A fresh name per call: Ray Train V2 would otherwise resume an earlier run of the same name,
     # whatever its settings were. Restarts inside this run resume from its own checkpoints.
     name = f"{run.root.name}-{task.role}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     with ray_session(cfg.cluster):
         check_resources(cfg.cluster, "cluster.num_workers", workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu)
-        # Read once here into the object store: each worker then iterates the blocks instead of running
-        # its own read of every shard (two readers on 2 cores tripled a short student's start-up).
-        datasets = {"labels": ray.data.read_parquet(str(labels / SHARDS)).materialize()} if labels else None
+        rows = training_dataset(run_split(absolute, "train"), cfg.seed, labels, shards,
+                                cfg.distill.uncertainty and labels is not None)
         trainer = TorchTrainer(
-            train_worker, train_loop_config=loop_config, datasets=datasets,
-            # Every worker reads ALL labels (they are small: N x classes) and takes its slice of each
-            # global batch, exactly as for the teacher: N workers then follow the trajectory of one,
-            # and a restarted group sees the same batches. A split dataset would tie rows to ranks.
-            dataset_config=DataConfig(datasets_to_split=[]),
+            train_worker, train_loop_config=loop_config, datasets={"train": rows},
+            dataset_config=data_config(),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
                                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
@@ -128,8 +124,9 @@ def check_teacher(cfg: Config, split: Split) -> None:
                         f"a student initialised from the teacher can only be as wide or smaller")
 
 
-def checked_labels(cfg: Config, split: Split) -> tuple[Path, int]:
-    """The label directory, checked against the configured data; and the seed its augmentation used."""
+def checked_labels(cfg: Config, split: Split) -> tuple[Path, list[dict], int]:
+    """The label directory, checked against the configured data; its shards (the manifest's list) and the
+    seed its augmentation used."""
     labels = RunDir(cfg).labels.resolve()
     manifest = read_manifest(labels)
     check_labels_match(manifest, data_fingerprint=split.fingerprint, num_classes=split.num_classes,
@@ -140,4 +137,4 @@ def checked_labels(cfg: Config, split: Split) -> tuple[Path, int]:
         raise UserError(f"distill.uncertainty needs labels with the mutual_info column; {labels} has none: "
                         f"label again with label.uncertainty=true into a fresh run_dir")
     check_shards(labels, manifest)
-    return labels, int(manifest["seed"])
+    return labels, manifest["shards"], int(manifest["seed"])

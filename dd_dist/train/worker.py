@@ -1,10 +1,10 @@
 """The train function each Ray Train worker runs: one DeepSpeed engine, one stage (a core.tasks task).
 
-Batching: every rank walks the same (seed, epoch) permutation of the row ids and takes its slice
-(rank::world) of each global batch, so N workers follow the trajectory of one worker with the
-same global batch, and a restarted worker group sees the same batches from the resumed epoch on.
-Every epoch ends with a DeepSpeed checkpoint reported to Ray Train; a restarted group resumes
-from it (model, optimizer, epoch and step; the lr follows from the epoch, the data from (seed, epoch)).
+Batching: each rank iterates its own shard of the training stream (dd_dist.train.rows, split over
+the ranks by Ray Train: get_dataset_shard / iter_torch_batches) in micro batches of batch_size / world
+rows; Ray Data gives every rank the same number of rows, so the ranks take the same steps and their
+micro batches make one global batch. Every epoch ends with a DeepSpeed checkpoint reported to Ray
+Train; a restarted group resumes from it (model, optimizer, epoch and step; the lr follows from the epoch).
 """
 from __future__ import annotations
 
@@ -14,19 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from dd_dist.config import Config
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.loop import epoch_batches, lr_at, print_epoch
+from dd_dist.core.loop import lr_at, print_epoch
 from dd_dist.core.models import save_model
-from dd_dist.core.tasks import SoftLabels
 from dd_dist.data.splits import run_split
 from dd_dist.infra.tracking import Tracker
-from dd_dist.labels.format import table_probs
 from dd_dist.layout import HISTORY, MODEL
+from dd_dist.train.rows import stream_batches
 
 
 def train_worker(config: dict) -> None:
@@ -42,11 +40,9 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     nodes = [None] * world  # where each rank runs, for the history
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    split = run_split(cfg, "train")  # cached per process
-    labels = None
-    if config["labels"]:
-        labels = _read_labels(ray.train.get_dataset_shard("labels"), split.num_classes, cfg.distill.uncertainty)
-    setup = task.setup(cfg, split, labels, config["label_seed"])
+    split = run_split(cfg, "train")  # its metadata: the rows come from the stream
+    setup = task.setup(cfg, split, config["label_seed"])
+    shard = ray.train.get_dataset_shard("train")
     engine, optimizer = _engine(setup.model, opt, config["ds"], world)
 
     start_epoch, step, history = 0, 0, []
@@ -70,23 +66,20 @@ def train_worker(config: dict) -> None:
         torch.manual_seed(row_rng_seed(cfg.seed, epoch, rank))
         task.train_mode(engine, opt)  # DeepSpeedEngine.train() and the student's dropout off
         total, epoch_began = torch.zeros(2, dtype=torch.float64), time.perf_counter()
-        for batch in epoch_batches(setup.ids, opt.batch_size, cfg.seed, epoch):
-            if len(batch) < world:  # a last batch too small to give every rank a row
-                continue
-            mine = batch[rank::world]
-            inputs, targets = setup.batches(mine, epoch, step)
+        for batch in stream_batches(shard, opt.batch_size // world, cfg.data.shuffle_buffer, cfg.seed, epoch, rank):
+            inputs, targets = setup.prepare(batch["id"], batch["x"], batch["target"], epoch, step)
+            # Every rank holds as many rows (an equal split), so DeepSpeed's mean over the ranks of
+            # their mean losses is the mean over the global batch.
             loss = task.loss(engine, inputs.to(device, dtype), targets.to(device))
-            # DeepSpeed averages gradients over ranks; weighting by this rank's share of the batch
-            # makes that the mean over the global batch even when the slices differ in size.
-            engine.backward(loss * (len(mine) * world / len(batch)))
+            engine.backward(loss)
             engine.step()
-            total += torch.tensor([loss.item() * len(mine), len(mine)], dtype=torch.float64)
+            total += torch.tensor([loss.item() * len(inputs), len(inputs)], dtype=torch.float64)
             step += 1
         total = total.to(device)  # NCCL reduces only GPU tensors
         dist.all_reduce(total)  # mean loss over every rank's rows
         seconds = time.perf_counter() - epoch_began
         row = {"epoch": epoch + 1, "loss": (total[0] / total[1]).item(), "lr": optimizer.param_groups[0]["lr"],
-               "samples_per_s": total[1].item() / seconds, "epoch_seconds": seconds,
+               "rows": int(total[1].item()), "samples_per_s": total[1].item() / seconds, "epoch_seconds": seconds,
                "setup_seconds": setup_seconds, "threads": torch.get_num_threads(), "world": world,
                "nodes": nodes, "resumed_from": start_epoch}
         history.append(row)
@@ -145,16 +138,3 @@ def _epoch_logger(cfg: Config, rank: int, tracking: dict):
             tracker.log_metrics(metrics, step=row["epoch"], run_id=run_id)
 
     return log
-
-
-def _read_labels(shard, num_classes: int, mutual_info: bool) -> SoftLabels:
-    """Every row of the label shards, read through Ray Data, as float32 distributions; with mutual_info
-    the shards' mutual_info column appended (the uncertainty head's target)."""
-    ids, targets = [], []
-    for table in shard.iter_batches(batch_size=8192, batch_format="pyarrow"):
-        ids.append(torch.from_numpy(table.column("id").to_numpy()))
-        columns = [table_probs(table, num_classes)]
-        if mutual_info:
-            columns.append(table.column("mutual_info").to_numpy().astype(np.float32)[:, None])
-        targets.append(torch.from_numpy(np.concatenate(columns, 1)))
-    return torch.cat(ids), torch.cat(targets)
