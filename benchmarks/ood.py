@@ -37,7 +37,7 @@ from dd_dist.config import load_config
 from dd_dist.data.sources import FASHION_MNIST_DIR
 from dd_dist.data.splits import load_split
 from dd_dist.core.loop import train_student, train_teacher
-from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
+from dd_dist.core.mc import entropy, mc_estimate, standard_probs
 from dd_dist.core.models import load_model
 from dd_dist.layout import RunDir
 
@@ -75,7 +75,7 @@ def scores_of(teacher, student, x: torch.Tensor, k: int, seed: int) -> tuple[dic
             began = time.perf_counter()
             estimate = mc_estimate(teacher, x[rows], ids[rows], k, seed)
             seconds["mc"] += time.perf_counter() - began
-            u = uncertainty(estimate.probs, estimate.expected_entropy)
+            u = estimate.uncertainty()
             out["mc/entropy"].append(u["entropy"])
             out["mc/mutual information"].append(u["mutual_info"])
             began = time.perf_counter()

@@ -41,6 +41,7 @@ class DataConfig(Section):
     skip_bad: bool = False  # image files that do not decode: false refuses the folder, true leaves them out
     # rows each training worker shuffles in memory (besides a fresh chunk order each epoch); 0: chunk order only
     shuffle_buffer: int = Field(4096, ge=0)
+    read_ahead_mb: int = Field(256, ge=1)  # object store the training stream may fill ahead of the workers
     zero_p: float = Field(0.2, ge=0, lt=1)  # distillation augmentation: pixel zeroing
     flip_p: float = Field(0.0, ge=0, le=1)  # horizontal flips (off for digits)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -38,7 +39,7 @@ from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
 from dd_dist.infra.cluster import ray_session
 from dd_dist.labels.actors import label_rows
-from dd_dist.labels.format import load_soft_labels, stored_probs
+from dd_dist.labels.format import load_soft_labels, stored_probs, write_manifest
 from dd_dist.stages.label import run_label
 from dd_dist.stages import teacher as teacher_stage
 from test_bad_input import Call, Payload, assert_refused, run_cli_calls
@@ -198,6 +199,12 @@ def corrupt(labels: Path, kind: str) -> None:
         manifest["shards"].pop(3)
     elif kind == "manifest-k-edited":
         manifest["k"] = 100
+    elif kind == "shard-ids-shifted":  # a writer's bug, not a hand edit: checksum and digest written anew
+        table = pq.read_table(shard)
+        table = table.set_column(0, "id", pa.array(table.column("id").to_numpy() + 1))
+        pq.write_table(table, shard)
+        manifest["shards"][2]["sha256"] = file_sha256(shard)
+        write_manifest(labels, {k: v for k, v in manifest.items() if k != "digest"})
     if kind.startswith("manifest") and kind != "manifest-not-json":
         (labels / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -209,6 +216,7 @@ CORRUPTIONS = {  # kind -> the cause both verify and distill must name
     "manifest-not-json": "manifest.json is not valid JSON",
     "manifest-classes-edited": "manifest.json was edited after it was written",
     "manifest-shard-dropped": "manifest.json was edited after it was written",
+    "shard-ids-shifted": "labels and data ids do not match",
 }
 VERIFY = "verify {run}/labels --teacher {run}/teacher/model.pt --rows 64"
 DISTILL = f"distill data.train_rows={ROWS}"  # the BASE of test_bad_input, with the labels' rows

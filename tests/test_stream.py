@@ -46,7 +46,7 @@ def label_dir(tmp_path_factory, split):
 
 def epochs_of_two_workers(dataset, epochs: int, batch_size: int = 24) -> list[list[dict]]:
     """Per epoch, per worker: the batches it iterates, both workers at once (as the ranks of a train run)."""
-    iterators = [shard["train"] for shard in data_config().configure({"train": dataset}, 2, None, None)]
+    iterators = [shard["train"] for shard in data_config(256).configure({"train": dataset}, 2, None, None)]
     out = []
     for epoch in range(epochs):
         seen = [[], []]

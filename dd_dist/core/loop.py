@@ -14,7 +14,7 @@ import torch
 
 from dd_dist.config import Config, TrainConfig
 from dd_dist.core.augment import augment
-from dd_dist.core.mc import mc_estimate, uncertainty
+from dd_dist.core.mc import mc_estimate
 from dd_dist.core.models import load_model, save_model
 from dd_dist.core.tasks import BatchFn, StudentTask, Task, TeacherTask, in_memory
 from dd_dist.data.splits import Split, run_split
@@ -77,7 +77,7 @@ def soft_labels_in_memory(cfg: Config, teacher: torch.nn.Module, split: Split) -
         estimate = mc_estimate(teacher, inputs, ids, cfg.label.k, cfg.seed)
         targets = [estimate.probs]
         if cfg.distill.uncertainty:
-            targets.append(uncertainty(estimate.probs, estimate.expected_entropy)["mutual_info"].float()[:, None])
+            targets.append(estimate.uncertainty()["mutual_info"].float()[:, None])
         out.append(torch.cat(targets, 1))
     return torch.cat(out)
 

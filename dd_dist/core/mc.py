@@ -31,6 +31,10 @@ class MCEstimate(NamedTuple):
     k: torch.Tensor
     expected_entropy: torch.Tensor
 
+    def uncertainty(self) -> dict[str, torch.Tensor]:
+        """Its rows' MC uncertainty (`uncertainty`)."""
+        return uncertainty(self.probs, self.expected_entropy)
+
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats over the last dimension, 0 log 0 = 0."""

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dd_dist.config import Config
 from dd_dist.core.augment import augment
-from dd_dist.core.mc import MCEstimate, uncertainty
+from dd_dist.core.mc import MCEstimate
 from dd_dist.core.mc_schemes import mc_label
 from dd_dist.core.models import load_model
 from dd_dist.data.splits import load_split
@@ -46,7 +46,7 @@ def shard_table(ids: np.ndarray, estimate: MCEstimate, dtype: str, topk: int, st
     """The shard of these rows: their labels in `dtype`, with `k` and the uncertainty columns if asked for."""
     columns = None
     if store_uncertainty:
-        columns = {name: value.numpy() for name, value in uncertainty(estimate.probs, estimate.expected_entropy).items()}
+        columns = {name: value.numpy() for name, value in estimate.uncertainty().items()}
     return label_table(ids, estimate.probs.numpy(), estimate.stderr.numpy(), dtype, topk,
                        estimate.k.numpy() if store_k else None, columns)
 

@@ -164,8 +164,26 @@ def check_shards(directory, manifest: dict) -> None:
             raise UserError(f"shard {shard['file']} listed in the manifest is missing from {directory}")
         if file_sha256(path) != shard["sha256"]:
             raise UserError(f"shard {shard['file']} is corrupted: its sha256 differs from the manifest's")
+        _check_ids(path, shard)
     if sum(s["rows"] for s in manifest["shards"]) != manifest["rows"]:
         raise UserError(f"manifest of {directory} lists shards whose rows do not add up to {manifest['rows']}")
+
+
+def _check_ids(path: Path, shard: dict) -> None:
+    """The shard's ids are the manifest's range, first_id .. first_id + rows - 1 (from the Parquet statistics:
+    no row is read). Training joins labels to images by these ids."""
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.names.index("id")
+    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    if meta.num_rows != shard["rows"]:
+        raise UserError(f"shard {shard['file']} holds {meta.num_rows} rows, the manifest says {shard['rows']}")
+    if not all(st is not None and st.has_min_max for st in stats):  # written without statistics: not checked here
+        return
+    low, high = min(st.min for st in stats), max(st.max for st in stats)
+    first = shard["first_id"]
+    if (low, high) != (first, first + shard["rows"] - 1):
+        raise UserError(f"shard {shard['file']} holds ids {low}..{high}, the data's rows there are "
+                        f"{first}..{first + shard['rows'] - 1}: labels and data ids do not match")
 
 
 def load_soft_labels(directory) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 import torch
 
 from dd_dist.config import Config
-from dd_dist.core.mc import uncertainty
 from dd_dist.core.models import load_model
 from dd_dist.data.splits import load_split, run_split
 from dd_dist.errors import UserError
@@ -113,7 +112,7 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
     if not kl <= KL_TOLERANCE:
         raise UserError(f"labels disagree with the teacher: mean KL {kl:.3g} over {len(ids)} replayed rows "
                         f"exceeds the tolerance {KL_TOLERANCE:g}")
-    _check_uncertainty(manifest, columns, uncertainty(estimate.probs, estimate.expected_entropy), len(ids))
+    _check_uncertainty(manifest, columns, estimate.uncertainty(), len(ids))
     return {"rows": len(ids), "mean_kl": kl, "tolerance": KL_TOLERANCE}
 
 

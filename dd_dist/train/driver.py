@@ -90,7 +90,7 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
                                 cfg.distill.uncertainty and labels is not None)
         trainer = TorchTrainer(
             train_worker, train_loop_config=loop_config, datasets={"train": rows},
-            dataset_config=data_config(),
+            dataset_config=data_config(cfg.data.read_ahead_mb),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.cluster.use_gpu,
                                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},

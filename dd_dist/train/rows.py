@@ -83,12 +83,16 @@ def training_dataset(split: Split, seed: int, labels: Path | None = None, shards
     return rows
 
 
-def data_config():
-    """Ray Train's DataConfig for the training stream: split over the workers, in the same order for the same seed."""
-    from ray.data import ExecutionOptions  # heavy: only where training runs
+def data_config(read_ahead_mb: int):
+    """Ray Train's DataConfig for the training stream: split over the workers, in the same order for the same
+    seed, its read tasks at most `read_ahead_mb` of the object store ahead of the workers. Unbounded, they fill
+    the store while the workers train, and each new block lands on fresh shared pages that every worker maps
+    and that count in its RSS: 1.4 GB per worker at 100k 32x32 RGB rows, growing with the data."""
+    from ray.data import ExecutionOptions, ExecutionResources  # heavy: only where training runs
     from ray.train import DataConfig
 
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+    limits = ExecutionResources.for_limits(object_store_memory=read_ahead_mb * 2**20)
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits))
 
 
 def stream_batches(shard, batch_size: int, shuffle_buffer: int, seed: int, epoch: int, rank: int):
