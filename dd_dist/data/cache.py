@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dd_dist.data import imagefolder, sources
+from dd_dist.data.decoding import in_order
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256, write_json
 
@@ -40,6 +41,7 @@ CHECKSUMS = "checksums.json"  # the source files' sha256 by (path, size, mtime)
 ROWS_PER_FILE = 65_536
 ROW_GROUP = 1024  # the unit a row-range read decodes: small, so a shard reads little beyond its rows
 CHUNK = 4096  # rows decoded and written at a time while building (ROWS_PER_FILE is a multiple of it)
+DECODE_IN_RAY_MB = 64  # image files beyond this are decoded in Ray Data tasks (below it, starting Ray costs more)
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,30 @@ def open_source(name: str, path: str | None, seed: int, cache_dir: str, channels
                 skip_bad: bool = False) -> Cached:
     """The cache entry of a source, built first if missing."""
     name, path, seed = source_key(name, path, seed)
-    cache = Path(cache_dir).expanduser().absolute()
-    key = _key(name, path, seed, channels, skip_bad, cache)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name if path is None else f"{name}-{Path(path).name}")[-60:]
-    root = cache / f"{slug}-{key}"
-    files_root = path if name == "imagefolder" else None
+    root, key, _ = _entry(name, path, seed, cache_dir, channels, skip_bad)
     if not (root / INFO).is_file():
         _build(root, name, path, seed, channels, skip_bad, key)
-    return Cached(str(root), files_root)
+    return Cached(str(root), path if name == "imagefolder" else None)
+
+
+def large_build(name: str, path: str | None, seed: int, cache_dir: str, channels: int | None = None,
+                skip_bad: bool = False) -> bool:
+    """Whether opening this source would first decode more than DECODE_IN_RAY_MB of image files into the
+    cache (an hf: or image folder source not cached yet): worth starting Ray to decode it in tasks."""
+    name, path, seed = source_key(name, path, seed)
+    if not (name.startswith("hf:") or name == "imagefolder"):
+        return False
+    root, _, size = _entry(name, path, seed, cache_dir, channels, skip_bad)
+    return not (root / INFO).is_file() and size > DECODE_IN_RAY_MB * 2**20
+
+
+def _entry(name: str, path: str | None, seed: int, cache_dir: str, channels: int | None,
+           skip_bad: bool) -> tuple[Path, str, int]:
+    """(cache folder, key, bytes of the source's files) of a source as source_key gives it."""
+    cache = Path(cache_dir).expanduser().absolute()
+    key, size = _key(name, path, seed, channels, skip_bad, cache)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name if path is None else f"{name}-{Path(path).name}")[-60:]
+    return cache / f"{slug}-{key}", key, size
 
 
 def source_key(name: str, path: str | None, seed: int) -> tuple[str, str | None, int]:
@@ -122,11 +140,14 @@ def source_key(name: str, path: str | None, seed: int) -> tuple[str, str | None,
     return name, str(Path(path).expanduser().absolute()), 0
 
 
-def _key(name: str, path: str | None, seed: int, channels: int | None, skip_bad: bool, cache_dir: Path) -> str:
+def _key(name: str, path: str | None, seed: int, channels: int | None, skip_bad: bool,
+         cache_dir: Path) -> tuple[str, int]:
+    """(digest of the source's files, their total bytes; a hub dataset not on disk counts as 0)."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, name, seed]).encode())
     if name == "imagefolder":
-        h.update(json.dumps([channels, skip_bad, imagefolder.listing(Path(path))]).encode())
-        return h.hexdigest()[:16]
+        files = imagefolder.listing(Path(path))
+        h.update(json.dumps([channels, skip_bad, files]).encode())
+        return h.hexdigest()[:16], sum(size for _, size, _ in files)
     if name.startswith("hf:"):
         local = Path(name[3:]).expanduser()
         files = sorted(f for f in local.rglob("*") if f.is_file() and ".cache" not in f.parts) if local.is_dir() else []
@@ -135,7 +156,7 @@ def _key(name: str, path: str | None, seed: int, channels: int | None, skip_bad:
         local, files = None, sources.source_files(name, path)
     checksums = _checksums(files, cache_dir)
     h.update(json.dumps([(str(f.relative_to(local)) if local else f.name, checksums[str(f)]) for f in files]).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16], sum(f.stat().st_size for f in files)
 
 
 def _checksums(files: list[Path], cache_dir: Path) -> dict[str, str]:
@@ -211,16 +232,18 @@ def _shapes(rows: list) -> pa.Array:
 
 def _write_raw(folder: Path, raw: sources.Raw, key: str) -> dict:
     """The splits of a built-in or hf: source as `image` bytes, CHUNK rows at a time (an hf: source is
-    decoded a chunk at a time); their fingerprint is the key, a digest of the source's files."""
+    decoded a chunk at a time, in Ray Data tasks when Ray is up); their fingerprint is the key, a digest of
+    the source's files."""
     splits, dtype = {}, None
     for split, (images, labels) in raw.splits.items():
         shapes: dict[tuple, int] = {}
 
         def chunks():
             nonlocal dtype
-            for start in range(0, len(labels), CHUNK):
-                part = images[start:start + CHUNK]
-                rows = [np.ascontiguousarray(r) for r in (part.decode() if hasattr(part, "decode") else part)]
+            starts = range(0, len(labels), CHUNK)
+            parts = [images[start:start + CHUNK] for start in starts]
+            decoded = in_order(_pixels, parts) if hasattr(images, "decode") else map(_pixels, parts)  # arrays: here
+            for start, rows in zip(starts, decoded, strict=True):  # strict: the task stream runs to its end
                 dtype = dtype or rows[0].dtype.name
                 for r in rows:
                     shapes[r.shape] = shapes.get(r.shape, 0) + 1
@@ -232,6 +255,11 @@ def _write_raw(folder: Path, raw: sources.Raw, key: str) -> dict:
         splits[split] = {"rows": len(labels), "shapes": [[*s, c] for s, c in sorted(shapes.items())], "skipped": []}
     return {"num_classes": raw.num_classes, "scale": raw.scale, "dtype": dtype or "uint8", "kind": "pixels",
             "fingerprint": key, "splits": splits}
+
+
+def _pixels(part) -> list[np.ndarray]:
+    """A chunk's images as contiguous arrays (an hf: chunk decoded here: in a Ray Data task when Ray is up)."""
+    return [np.ascontiguousarray(r) for r in (part.decode() if hasattr(part, "decode") else part)]
 
 
 def _write_folder(folder: Path, path: Path, channels: int | None, skip_bad: bool) -> dict:

@@ -6,26 +6,30 @@
     DIR/test/<class>/...              required
 
 Classes are the class folders of train, sorted by name (their index is the label); val and test may
-lack some but not add any. Row ids follow the sorted paths. Indexing decodes every image once, so a
-file that does not decode, and images of mixed channel counts without data.channels, are found before
-any stage starts.
+lack some but not add any. Row ids follow the sorted paths. Indexing reads and decodes every image
+once (in Ray Data tasks when Ray is up), so a file that does not decode, and images of mixed channel
+counts without data.channels, are found before any stage starts.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from dd_dist.data.decoding import in_order
 from dd_dist.data.transforms import channels_of, convert
 from dd_dist.errors import UserError
-from dd_dist.files import file_sha256
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 HOLD_OUT_EVERY = 6
+FILES_PER_TASK = 512  # images one indexing task checks
 
 
 @dataclass(frozen=True)
@@ -73,15 +77,21 @@ def index(root: Path, channels: int | None, skip_bad: bool) -> Index:
     bar = tqdm(total=sum(len(f) for f in files.values()), desc=f"indexing {root}", unit="images")
     for split, entries in files.items():
         splits[split], skipped[split] = [], []
-        for file, label in entries:
-            rel = str(file.relative_to(root))
-            decoded = _decode(file, rel, len(splits[split]), split, channels, skip_bad)
-            bar.update()
-            if decoded is None:
-                skipped[split].append(rel)
-            else:
-                native.setdefault(decoded[0], rel)
-                splits[split].append(Row(rel, label, file_sha256(file), decoded[1]))
+        paths = [file for file, _ in entries]
+        chunks = [paths[a:a + FILES_PER_TASK] for a in range(0, len(paths), FILES_PER_TASK)]
+        with closing(in_order(partial(_check_files, channels=channels), chunks)) as stream:  # closed on an error
+            checked = (one for chunk in stream for one in chunk)
+            for (file, label), (digest, decoded) in zip(entries, checked, strict=True):
+                rel = str(file.relative_to(root))
+                bar.update()
+                if isinstance(decoded, str):  # why it did not decode
+                    if not skip_bad:
+                        raise UserError(f"image {rel} (id {len(splits[split])} of {split}) cannot be decoded: "
+                                        f"{decoded} (data.skip_bad=true skips such files)")
+                    skipped[split].append(rel)
+                else:
+                    native.setdefault(decoded[0], rel)
+                    splits[split].append(Row(rel, label, digest, decoded[1]))
     bar.close()
     if folders["val"] is None:
         splits, skipped = _hold_out(splits, skipped)
@@ -110,20 +120,22 @@ def _class_files(folder: Path, classes: list[str], every_class: bool) -> list[tu
     return out
 
 
-def _decode(file: Path, rel: str, row_id: int, split: str, channels: int | None, skip_bad: bool):
-    """(channels as decoded, (C, H, W) as read) of a file that decodes (decoded in full: a truncated file
-    fails here), else None with skip_bad."""
-    try:
-        with Image.open(file) as image:
-            image.load()
-            native, converted = channels_of(image), convert(image, channels)
-            shape = (len(converted.getbands()), converted.height, converted.width)
-    except Exception as e:  # PIL raises many types for broken files
-        if skip_bad:
-            return None
-        raise UserError(f"image {rel} (id {row_id} of {split}) cannot be decoded: {str(e).splitlines()[0][:120]} "
-                        f"(data.skip_bad=true skips such files)") from None
-    return native, shape
+def _check_files(files: list[Path], channels: int | None) -> list[tuple[str, tuple | str]]:
+    """Each file's (sha256, (channels as decoded, (C, H, W) as read)), or (sha256, why it does not decode):
+    read once, decoded in full (a truncated file fails here). In a Ray Data task when Ray is up."""
+    out = []
+    for file in files:
+        data = b""
+        try:
+            data = file.read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                native, converted = channels_of(image), convert(image, channels)
+                decoded = native, (len(converted.getbands()), converted.height, converted.width)
+        except Exception as e:  # PIL raises many types for broken files
+            decoded = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        out.append((hashlib.sha256(data).hexdigest(), decoded))
+    return out
 
 
 def _hold_out(splits: dict, skipped: dict) -> tuple[dict, dict]:

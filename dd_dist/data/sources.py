@@ -349,7 +349,9 @@ class ParquetImages:
 
     def __getitem__(self, rows: slice) -> ParquetImages:
         start, stop, _ = rows.indices(len(self))
-        return ParquetImages(self.groups, self.column, self.where, self.start + start, self.start + max(start, stop))
+        start, stop = self.start + start, self.start + max(start, stop)
+        groups = tuple(g for g in self.groups if g[2] < stop and g[2] + g[3] > start)  # a slice travels light
+        return ParquetImages(groups, self.column, self.where, start, stop)
 
     def decode(self) -> list[np.ndarray]:
         encoded = []
