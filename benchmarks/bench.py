@@ -7,6 +7,8 @@ writes benchmarks/results/bench.{json,md} and bench_label_scaling.png with
 - training: DeepSpeed on Ray Train vs the plain PyTorch loop, 2 vs 1 workers (benchmarks.train_throughput);
 - inference: MC dropout with K=100 vs the distilled student of a finished run (by default `make demo`'s),
   each with the test error it reaches, through `dd-dist evaluate`'s own scoring;
+- MC masks drawn per second: the counter-based generator vs the per-row generators it replaced (benchmarks.masks);
+- bf16 labels on this CPU: their cost against fp32 and their mean KL to the fp32 labels;
 - label bytes per row for each storage option;
 - label time against K (in-process) and against the number of Ray actors, as a plot.
 One torch thread per process throughout, so that a ratio compares code, not core counts. On this CPU
@@ -24,7 +26,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from benchmarks import label_throughput, train_throughput
+from benchmarks import label_throughput, masks, train_throughput
 from benchmarks.report import RESULTS, machine, write_report
 from dd_dist.config import load_config
 from dd_dist.data.splits import load_split, run_split
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 KS = (10, 30, 100, 300)
 K_SCALING_ROWS = {"lenet": 2048, "lenet_all": 128}
 MC_K = 100
+PRECISION_ROWS = {"lenet": 4096, "lenet_all": 512}  # labels timed in fp32 and in bf16
 NAIVE_IMAGES = 1000  # the textbook loop is slow: timed on the first test images
 
 
@@ -126,6 +129,15 @@ def markdown(r: dict) -> str:
     for arch, net in lab["nets"].items():
         lines.append(f"| labels {arch}, K={lab['k']}: naive K-pass loop -> project MC code | "
                      f"{net['naive_rows_per_s']:.0f} -> {net['mc_rows_per_s']:.0f} rows/s | {net['mc_speedup']:.1f}x |")
+    for p, m in r["masks"].items():
+        if p.startswith("p="):
+            lines.append(f"| MC masks ({r['masks']['rows']} rows x K={r['masks']['k']} x {r['masks']['units']} units, "
+                         f"{p}): per-row generators -> counter-based | {m['per_row_generators_per_s'] / 1e6:.0f} -> "
+                         f"{m['counter_based_per_s'] / 1e6:.0f} M masks/s | {m['speedup']:.1f}x |")
+    for arch, c in r["precision"].items():
+        lines.append(f"| labels {arch}, K={lab['k']}: fp32 -> bf16 on this CPU (mean KL(fp32 \\|\\| bf16) "
+                     f"{c['mean_kl_fp32_to_bf16']:.1e}) | {c['fp32_rows_per_s']:.0f} -> {c['bf16_rows_per_s']:.0f} rows/s | "
+                     f"{c['bf16_time_vs_fp32']:.2f}x the time |")
     for arch, net in lab["nets"].items():
         lines.append(f"| labels {arch}: 1 -> 2 Ray actors | {net['ray_1_actor']['steady_rows_per_s']:.0f} -> "
                      f"{net['ray_2_actor']['steady_rows_per_s']:.0f} rows/s | {net['two_vs_one_actor']:.2f}x |")
@@ -172,6 +184,9 @@ def main() -> None:
     report["inference"] = inference(Path(args.config), 2 if args.quick else 3)
     report["label_time_vs_k"] = label_time_vs_k({a: max(n // 4, 32) for a, n in K_SCALING_ROWS.items()}
                                                 if args.quick else K_SCALING_ROWS)
+    report["masks"] = masks.measure()
+    report["precision"] = label_throughput.precision_cost({a: max(n // 8, 64) for a, n in PRECISION_ROWS.items()}
+                                                          if args.quick else PRECISION_ROWS)
     report["labels"] = label_throughput.measure(label_throughput.scaled(label_throughput.ROWS, 8 if args.quick else 2))
     report["training"] = train_throughput.measure(2048 if args.quick else 8192, 2 if args.quick else 3)
     report["seconds"] = time.perf_counter() - began

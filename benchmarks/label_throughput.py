@@ -151,6 +151,34 @@ def measure(rows: dict) -> dict:
     return report
 
 
+def precision_cost(rows: dict[str, int]) -> dict:
+    """bf16 labels on this CPU (label.precision=bf16, one thread): rows/s against fp32 on the same rows,
+    and their mean KL(fp32 label || bf16 label)."""
+    torch.set_num_threads(1)
+    split = load_split("mnist", "train")
+    x = torch.from_numpy(split.x[: max(rows.values())])
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, n in rows.items():
+            model, _ = untrained(arch, split, Path(tmp))
+            labels, rates = {}, {}
+            for precision in ("fp32", "bf16"):
+                parts = []
+
+                def label(ids, precision=precision, parts=parts):
+                    parts.append(label_rows(model, x[ids], ids, K, SEED, ZERO_P, 0.0, precision).probs)
+
+                rates[precision] = timed_rate(n, label)
+                labels[precision] = torch.cat(parts[1:]).double()  # parts[0]: the warm-up batch
+            p, q = labels["fp32"], labels["bf16"]
+            out[arch] = {"fp32_rows_per_s": rates["fp32"], "bf16_rows_per_s": rates["bf16"],
+                         "bf16_time_vs_fp32": rates["fp32"] / rates["bf16"],
+                         "mean_kl_fp32_to_bf16": (torch.xlogy(p, p) - p * q.log()).sum(1).mean().item(),
+                         "max_abs_diff": (p - q).abs().max().item()}
+            print(f"{arch}: bf16 vs fp32 labels {out[arch]}", flush=True)
+    return out
+
+
 def untrained(arch: str, split, workdir: Path) -> tuple[torch.nn.Module, Path]:
     """A default-initialised net of `arch` and its checkpoint in workdir (speed does not depend on weights)."""
     torch.manual_seed(SEED)

@@ -167,6 +167,10 @@ class LabelConfig(Section):
     rows_per_shard: int = Field(2048, ge=1)  # a shard is the unit of work and of resume
     cpus_per_actor: float = Field(0.5, gt=0)  # fractional, so Ray Data's own tasks are not starved
     threads_per_actor: int = Field(1, ge=1)  # torch threads inside each actor
+    gpus_per_actor: float = Field(1.0, gt=0, le=1)  # with cluster.use_gpu; fractional: actors share a GPU
+    # the teacher's forward passes in fp32, or bf16 / fp16 under torch.autocast (softmax and MC mean in fp32);
+    # recorded in the manifest, replayed by verify
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @field_validator("k", mode="before")
     @classmethod
@@ -197,6 +201,7 @@ class EvalConfig(Section):
     batch_size: int = Field(500, ge=1)  # test images per timed forward call
     threads: int = Field(0, ge=0)  # torch threads for every method (0 = torch's default)
     ece_bins: int = Field(15, ge=1)  # equal-width confidence bins of ECE and the reliability diagram
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # every method's forward passes (as label.precision)
 
     @model_validator(mode="after")
     def _positive_ks(self):

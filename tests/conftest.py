@@ -1,17 +1,19 @@
-"""Suite-wide settings: no telemetry, DeepSpeed on CPU, and no MLflow store left in the checkout."""
+"""Suite-wide settings: no telemetry, DeepSpeed on CPU where there is no GPU, and no MLflow store left in the checkout."""
 import os
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from dd_dist.infra.cluster import LOCAL_ENV
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # where CUDA exists, the gpu tests get DeepSpeed's own choice (CUDA)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # The settings dd-dist gives a local Ray of its own (cluster.LOCAL_ENV: the venv's tools first on PATH, ...),
 # also for the Rays and processes that tests start themselves: they inherit this environment.
 os.environ.update(LOCAL_ENV)

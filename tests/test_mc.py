@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.core.mc import (dropout_layers, keep_masks, mc_probs, mc_probs_naive, naive_mc_loop, online_targets,
-                             soft_target_kl, standard_probs)
+from dd_dist.core.masks import keep_masks
+from dd_dist.core.mc import (dropout_layers, mc_probs, mc_probs_naive, naive_mc_loop, online_targets, soft_target_kl,
+                             standard_probs)
 from dd_dist.core.models import build_model
 
 X = torch.tensor([[0.3, -1.2], [1.5, 0.7], [-0.4, 0.9]], dtype=torch.double)

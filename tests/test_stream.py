@@ -12,7 +12,7 @@ import torch
 
 from dd_dist.data.splits import load_split
 from dd_dist.files import file_sha256
-from dd_dist.labels.format import label_table, load_soft_labels, shard_name, write_manifest, write_shard
+from dd_dist.labels.format import FORMAT, label_table, load_soft_labels, shard_name, write_manifest, write_shard
 from dd_dist.train.rows import CHUNK_ROWS, chunks, data_config, stream_batches, training_dataset
 
 ROWS_PER_SHARD = 300  # chunks end at shard ends: not a multiple of the batch
@@ -97,8 +97,8 @@ def test_each_epoch_gives_every_row_once_over_the_workers_in_a_fresh_seeded_orde
 
 def test_streamed_rows_are_the_cached_images_and_the_expanded_soft_labels(ray_local, split, label_dir):
     labels, shards = label_dir
-    write_manifest(labels, {"format": "dd-dist-labels/1", "teacher": {}, "data": {"num_classes": 4}, "augmentation": {},
-                            "k": 1, "seed": 0, "storage": {}, "rows": 512,
+    write_manifest(labels, {"format": FORMAT, "teacher": {}, "data": {"num_classes": 4}, "augmentation": {},
+                            "k": 1, "seed": 0, "precision": "fp32", "storage": {}, "rows": 512,
                             "shards": [{**s, "sha256": file_sha256(labels / s["file"])} for s in shards]})
     ids, probs = load_soft_labels(labels)  # the whole label matrix, top-k expanded, for comparison only
     batch = epochs_of_two_workers(training_dataset(split, 0, labels, shards), epochs=1)[0][1][0]

@@ -218,17 +218,6 @@ def test_mismatched_labels_are_refused_before_ray_train_starts(labels, run_dir, 
     assert sorted(storage.iterdir()) == runs_before  # no Ray Train run was started
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bf16_teacher_on_one_gpu(ray_local, tmp_path):
-    cfg = config(tmp_path, "cluster.use_gpu=true", "cluster.num_workers=1", "teacher.epochs=3", "teacher.lr_steps=[2]",
-                 "cluster.deepspeed=configs/deepspeed/zero2_bf16_gpu.json")
-    path, history = train(cfg, TeacherTask)
-    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
-    exported = torch.load(path, weights_only=True)["state_dict"]
-    assert {t.dtype for t in exported.values()} == {torch.float32}  # bf16 weights exported as float32
-
-
 @pytest.mark.parametrize("override, cause", [
     ("teacher.batch_size=15", "batch size 15 must be divisible by cluster.num_workers=2"),
     ("cluster.deepspeed=configs/deepspeed/zero2_bf16_gpu.json", "enables bf16, which needs GPUs"),

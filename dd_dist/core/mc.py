@@ -1,9 +1,9 @@
 """The core method in plain PyTorch: standard (weight-scaling) and MC-dropout prediction, the
 soft-target KL loss, and the online single-mask targets of the paper's Algorithm 2.
 
-MC masks are drawn by this code, not by nn.Dropout's global RNG: the masks of (row, dropout layer)
-come from generators seeded by (seed, row id, layer) and read sample after sample, so the mask of
-(row, layer, sample j) is the same in any batch, order, chunking, process or machine, and for any k > j.
+MC masks are drawn by dd_dist.core.masks, not by nn.Dropout's global RNG: the mask of (row, dropout
+layer, sample j) depends on (seed, row id, layer, j) only, so it is the same in any batch, order,
+chunking, process, machine or device, and for any k > j.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.masks import keep_masks
+from dd_dist.core.precision import HALF
 
 
 ELEMENTWISE, CHANNELWISE = (nn.Dropout,), (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # the dropouts MC can seed
@@ -61,62 +63,21 @@ def is_flat(model: nn.Module) -> bool:
         sum(type(m) is nn.Dropout for m in model) == len(dropout_layers(model))
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """A half-precision tensor (from an autocast forward) as float32; anything else as it is."""
+    return t.float() if t.dtype in HALF.values() else t
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes, in float32 at least: under autocast only the layers round, never the probabilities."""
+    return F.softmax(full_precision(logits), dim=1)
+
+
 def standard_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Weight scaling: what model.eval() does with inverted dropout."""
     model.eval()
     with torch.inference_mode():
-        return F.softmax(model(x), dim=1)
-
-
-def keep_masks(row_ids: list[int], layer: int, k: int, n: int, p: float, seed: int,
-               antithetic: bool = False) -> torch.Tensor:
-    """(rows, k, n) boolean keep-masks of one dropout layer with n units; each unit is dropped with probability p.
-
-    Drawing K*B*units random values is the cost of MC dropout, so a unit gets 8 random bits, not a
-    32-bit float (~7x cheaper to draw; per-row generators also beat a vectorised counter hash 2x).
-    A unit is dropped if its byte is below floor(256p), kept if above, and a tie (probability 1/256)
-    is settled by a float uniform from a second per-row stream, so the drop probability is exactly p.
-    In other words a unit is dropped when u = (byte + tie uniform) / 256, a uniform on [0, 1), is below p.
-
-    antithetic (k even): samples 2i and 2i+1 are a pair. Sample 2i is sample i of the plain stream
-    (keep_masks with k/2), sample 2i+1 thresholds the reflected byte 255 - byte, i.e. u' = 1 - u up to
-    the tie uniform, which comes from a third per-row stream. Both masks drop each unit with
-    probability exactly p; at p = 0.5 the partner is the complement, and for p < 0.5 a unit is never
-    dropped by both (for p > 0.5 never kept by both).
-    """
-    if antithetic and k % 2:
-        raise ValueError(f"antithetic masks come in pairs: k must be even, got {k}")
-    if p == 0 or p == 1:  # nothing to draw (and 256p must fit in a byte below)
-        return torch.full((len(row_ids), k, n), p == 0)
-    base = k // 2 if antithetic else k
-    words = torch.empty(len(row_ids), -(-base * n // 8), dtype=torch.int64)
-    gen = torch.Generator()
-    for i, row in enumerate(row_ids):
-        gen.manual_seed(row_rng_seed(seed, row, layer))
-        words[i].random_(-(2**63), None, generator=gen)  # the full 64-bit range: 8 uniform bytes a word
-    byte = words.view(torch.uint8)[:, : base * n]
-    keep = _below_p(byte, p, row_ids, (seed, layer, 1), gen)
-    if antithetic:
-        partner = _below_p(byte.bitwise_not(), p, row_ids, (seed, layer, 2), gen)  # 255 - byte
-        keep = torch.stack([keep.view(-1, base, n), partner.view(-1, base, n)], 2)
-    return keep.view(-1, k, n)
-
-
-def _below_p(byte: torch.Tensor, p: float, row_ids, stream: tuple, gen: torch.Generator) -> torch.Tensor:
-    """Keep (True) where (byte + tie uniform) / 256 >= p; a row's tie uniforms come from the stream
-    row_rng_seed(seed, row, layer, s) for stream = (seed, layer, s), read in sample order."""
-    cut = math.floor(256 * p)
-    tie_p = 256 * p - cut
-    if not tie_p:
-        return byte.ge(cut)
-    seed, layer, s = stream
-    keep, ties = byte > cut, byte == cut
-    draws = []
-    for row, count in zip(row_ids, ties.sum(1).tolist()):
-        gen.manual_seed(row_rng_seed(seed, row, layer, s))
-        draws.append(torch.rand(count, generator=gen))
-    keep[ties] = torch.cat(draws) >= tie_p  # boolean indexing is row-major: each row's ties in sample order
-    return keep
+        return softmax(model(x))
 
 
 def split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -280,14 +241,14 @@ def mc_estimate(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int, m
     with torch.inference_mode():
         h = net.shared(x)
         if not ids:  # an empty batch: nothing to sample, but the caller still gets (0, C)
-            out = net.plain(h)
+            out = full_precision(net.plain(h))
             return MCEstimate(out, out[:, 0], torch.zeros(0, dtype=torch.int64), out[:, 0])
         chunk = max(1, max_elems // (k * net.widest(h[:1])))
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
-            masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed)  # noqa: E731
+            masks = lambda layer, n, p: keep_masks(rows, layer, k, n, p, seed, device=x.device)  # noqa: E731
             logits = net.run(h[start : start + chunk], masks, k)
-            probs = F.softmax(logits, dim=1).view(len(rows), k, -1)
+            probs = softmax(logits).view(len(rows), k, -1)
             means.append(probs.mean(1))
             spread = probs.std(1).amax(1) if k > 1 else probs.new_zeros(len(rows))
             errors.append(spread / math.sqrt(k))
@@ -301,7 +262,7 @@ def mc_probs_naive(model: nn.Module, x: torch.Tensor, row_ids, k: int, seed: int
     dropout masked by a hook (masked_forward): the test reference."""
     MaskedModel(model)  # the same structural checks
     ids = torch.as_tensor(row_ids).tolist()
-    draw = functools.cache(lambda layer, n, p: keep_masks(ids, layer, k, n, p, seed))
+    draw = functools.cache(lambda layer, n, p: keep_masks(ids, layer, k, n, p, seed, device=x.device))
     with torch.inference_mode():
         passes = [masked_forward(model, x, lambda layer, n, p, j=j: draw(layer, n, p)[:, j : j + 1], 1)
                   for j in range(k)]

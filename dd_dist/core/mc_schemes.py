@@ -4,7 +4,7 @@ A scheme (dd_dist.schemes.MCScheme) switches on, each on its own:
 
 - antithetic masks: masks come in pairs (keep_masks(..., antithetic=True)): the second of a pair
   drops a unit when the first's uniform u, reflected to 1 - u, falls below p. Each mask still drops
-  each unit with probability exactly p, so each sample is still an unbiased draw of f_sigma(x); a
+  each unit with the same probability (dd_dist.core.masks), so each sample is still an unbiased draw of f_sigma(x); a
   pair is averaged into one "unit" of the estimate.
 - a control variate: y = f - g with g = J(zbar) (z - zbar), the first-order expansion of the softmax
   f around zbar, where z are a sample's logits and zbar = E[z | the masks of every dropout but the
@@ -51,11 +51,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.mc import MCEstimate, MaskedModel, dropout_layers, entropy, keep_masks, mc_estimate, run_masked
+from dd_dist.core.masks import keep_masks
+from dd_dist.core.mc import (MCEstimate, MaskedModel, dropout_layers, entropy, full_precision, mc_estimate, run_masked,
+                             softmax)
 from dd_dist.schemes import MCScheme
 
 AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate
@@ -110,7 +111,7 @@ def mc_label(model: nn.Module, x: torch.Tensor, row_ids, seed: int, scheme: MCSc
     with torch.inference_mode():
         h = sampler.net.shared(x)
         if not ids:
-            out = sampler.net.plain(h)
+            out = full_precision(sampler.net.plain(h))
             return MCEstimate(out, out[:, 0], torch.zeros(0, dtype=torch.int64), out[:, 0])
         sampler.size(h[:1])
         mean, var, units = (_adaptive if scheme.adaptive else _fixed)(sampler, h, ids, scheme)
@@ -162,19 +163,19 @@ class _Sampler:
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
             masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
-                                                   self.scheme.antithetic)
+                                                   self.scheme.antithetic, device=h.device)
             if not self.scheme.control_variate:
-                f = y = F.softmax(self.net.run(h[start : start + chunk], masks, k), 1)
+                f = y = softmax(self.net.run(h[start : start + chunk], masks, k))
             else:
                 pre = run_masked(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
                 if self.last_layer:  # the last layer's own branches of each sample above it
                     pre = pre.repeat_interleave(self.per_mask[-1] // self.per_mask[-2], dim=0)
                 last = lambda layer, n, p: masks(self.last_layer, n, p).reshape(-1, 1, n)  # noqa: E731
-                z = run_masked([self.last, *self.tail], pre, last, 1)
-                zbar = self.tail(pre)  # E[z | the other masks]: the tail is affine
-                sbar, d = F.softmax(zbar, 1), z - zbar
+                z = full_precision(run_masked([self.last, *self.tail], pre, last, 1))
+                zbar = full_precision(self.tail(pre))  # E[z | the other masks]: the tail is affine
+                sbar, d = softmax(zbar), z - zbar
                 g = sbar * (d - (sbar * d).sum(1, keepdim=True))  # J(zbar) (z - zbar), J = diag(s) - s s^T
-                f = F.softmax(z, 1)
+                f = softmax(z)
                 y = f - g
             y = torch.cat([y, entropy(f).unsqueeze(1)], 1)
             ys.append(y.double().view(len(rows), units, unit * leaves, -1).mean(2))

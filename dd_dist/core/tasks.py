@@ -82,8 +82,10 @@ def offline_inputs(seed: int, zero_p: float, flip_p: float) -> Prepare:
 def online_inputs(teacher: nn.Module, seed: int, zero_p: float, flip_p: float) -> Prepare:
     """Algorithm 2: a fresh augmentation and ONE teacher dropout mask per example and step."""
 
+    device = next(teacher.parameters()).device
+
     def prepare(ids, x, labels, epoch, step):
-        inputs = augment(x, ids, seed, epoch, zero_p, flip_p)
+        inputs = augment(x, ids, seed, epoch, zero_p, flip_p).to(device)  # where the teacher lives
         return inputs, online_targets(teacher, inputs, ids, seed, step)
 
     return prepare
@@ -125,7 +127,7 @@ class TeacherTask:
         model.train()
 
     @staticmethod
-    def setup(cfg: Config, split: Split, label_seed: int | None = None) -> Setup:
+    def setup(cfg: Config, split: Split, label_seed: int | None = None, device: str | torch.device = "cpu") -> Setup:
         torch.manual_seed(cfg.seed)
         model, spec = build_teacher(cfg, split)
         return Setup(model, spec, teacher_inputs, split.fingerprint)
@@ -162,9 +164,10 @@ class StudentTask:
                 module.eval()
 
     @staticmethod
-    def setup(cfg: Config, split: Split, label_seed: int | None = None) -> Setup:
+    def setup(cfg: Config, split: Split, label_seed: int | None = None, device: str | torch.device = "cpu") -> Setup:
         """Offline, the targets are the soft labels of labels made with augmentation seed `label_seed`
-        (default cfg.seed); online (distill.mode=online), the rows' hard labels, unused."""
+        (default cfg.seed); online (distill.mode=online), the rows' hard labels, unused, and the teacher
+        on `device` (the worker's) gives each step's targets."""
         torch.manual_seed(cfg.seed)
         teacher, _ = load_model(RunDir(cfg).teacher)
         model, spec = build_student(cfg, split)
@@ -175,7 +178,7 @@ class StudentTask:
             init_student_from_teacher(net, teacher)
         zero_p, flip_p = cfg.data.zero_p, cfg.data.flip_p
         if cfg.distill.mode == "online":
-            return Setup(model, spec, online_inputs(teacher, cfg.seed, zero_p, flip_p), split.fingerprint)
+            return Setup(model, spec, online_inputs(teacher.to(device), cfg.seed, zero_p, flip_p), split.fingerprint)
         # The inputs the labels were computed on: augmentation epoch 0 with the labels' own seed.
         seed = cfg.seed if label_seed is None else label_seed
         return Setup(model, spec, offline_inputs(seed, zero_p, flip_p), split.fingerprint)

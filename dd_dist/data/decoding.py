@@ -2,7 +2,7 @@
 in streaming Ray Data tasks when a Ray session is up, so that a large source is decoded on every CPU
 of the cluster and never in the driver; in this process otherwise (small sources, the plain loop).
 
-dd_dist.data.splits.run_split starts a Ray session for a build whose source decodes images (hf:,
+dd_dist.infra.cluster.open_split starts a Ray session for a build whose source decodes images (hf:,
 imagefolder). A chunk's UserError travels back as a value and is raised here, still one line.
 """
 from __future__ import annotations

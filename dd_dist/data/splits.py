@@ -8,7 +8,6 @@ are train / val / test; row ids run 0..N-1 within a split, and `rows` > 0 keeps 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,12 +19,10 @@ import pyarrow as pa
 from PIL import Image
 
 from dd_dist.config import Config
-from dd_dist.data.cache import Cached, large_build, open_source
-from dd_dist.data.decoding import ray_is_up
+from dd_dist.data.cache import Cached, open_source
 from dd_dist.data.sources import SPLITS
 from dd_dist.data.transforms import Transform, convert, from_pil, to_pil
 from dd_dist.errors import UserError
-from dd_dist.infra.cluster import ray_session
 from dd_dist.layout import RunDir
 
 DEFAULT_CACHE_DIR = "data/cache"
@@ -144,10 +141,7 @@ def _split(source: Cached, split: str, transform: Transform, channels: int | Non
 
 
 def run_split(cfg: Config, which: str) -> Split:
-    """The `which` split (train, val, test) of the run that `cfg` configures (layout.RunDir.split). A large
-    source that is not cached yet is decoded in Ray Data tasks: in a Ray session started for it if none is up."""
-    spec = RunDir(cfg).split(which)
-    source = (spec[k] for k in ("name", "path", "seed", "cache_dir", "channels", "skip_bad"))
-    decode_in_ray = not ray_is_up() and large_build(*source)
-    with ray_session(cfg.cluster) if decode_in_ray else contextlib.nullcontext():
-        return load_split(**spec)
+    """The `which` split (train, val, test) of the run that `cfg` configures (layout.RunDir.split), its cache
+    built here if missing (in Ray Data tasks where Ray is up: infra.cluster.open_split starts it for a large
+    source)."""
+    return load_split(**RunDir(cfg).split(which))

@@ -65,7 +65,7 @@ class Transform:
             height, width = self._resized(image.height, image.width)
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         if self.center_crop is not None:
-            crop_h, crop_w = self.out_size(image.height, image.width)
+            crop_h, crop_w = self.center_crop  # checked against every image size when the split was opened
             top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
             image = image.crop((left, top, left + crop_w, top + crop_h))
         return image

@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from dd_dist.config import ClusterConfig, Config
+from dd_dist.data.cache import large_build
+from dd_dist.data.decoding import ray_is_up
+from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
 from dd_dist.layout import RunDir
 
@@ -71,16 +74,30 @@ def ray_session(cfg: ClusterConfig):
         ray.shutdown()
 
 
-def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpu: bool) -> None:
-    """Refuse at once, in one line, `count` actors or workers of `cpus` CPUs (and a GPU each) that this Ray
-    can never hold, where it cannot grow: a local one (no cluster.address / RAY_ADDRESS). Call it with Ray
-    initialised. On an existing cluster the autoscaler may add nodes: there the wait goes on."""
+def open_split(cfg: Config, which: str) -> Split:
+    """data.splits.run_split, where a large source that is not cached yet is decoded in Ray Data tasks: in a
+    Ray session started for it if none is up (below cache.DECODE_IN_RAY_MB starting Ray costs more)."""
+    spec = RunDir(cfg).split(which)
+    source = (spec[k] for k in ("name", "path", "seed", "cache_dir", "channels", "skip_bad"))
+    with ray_session(cfg.cluster) if not ray_is_up() and large_build(*source) else nullcontext():
+        return run_split(cfg, which)
+
+
+def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpus: float = 0) -> None:
+    """Refuse at once, in one line, `count` actors or workers of `cpus` CPUs and `gpus` GPUs each that this
+    Ray can never hold, where it cannot grow: a local one (no cluster.address / RAY_ADDRESS). Call it with
+    Ray initialised. On an existing cluster the autoscaler may add nodes: there the wait goes on, except
+    for GPUs that no node has and none is configured to bring (no GPU in the cluster at all)."""
     import ray  # heavy: called inside ray_session only
 
+    have = ray.cluster_resources()
+    if gpus and not have.get("GPU"):
+        raise UserError(f"cluster.use_gpu=true, but the Ray cluster has no GPU resources"
+                        f"{'' if cluster_address(cfg) else ' (a local Ray on a machine without a CUDA device)'}: "
+                        f"set cluster.use_gpu=false, or connect to a cluster with GPUs")
     if cluster_address(cfg):
         return
-    have = ray.cluster_resources()
-    need = {"CPU": count * cpus, "GPU": count * gpu}
+    need = {"CPU": count * cpus, "GPU": count * gpus}
     if any(need[kind] > have.get(kind, 0) + 1e-9 for kind in need):
         asked = " and ".join(f"{need[kind]:g} {kind}s" for kind in need if need[kind])
         raise UserError(f"{what}={count} need {asked}, but this local Ray has {have.get('CPU', 0):g} CPUs and "

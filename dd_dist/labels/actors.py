@@ -21,6 +21,7 @@ from dd_dist.core.augment import augment
 from dd_dist.core.mc import MCEstimate
 from dd_dist.core.mc_schemes import mc_label
 from dd_dist.core.models import load_model
+from dd_dist.core.precision import autocast, check_precision
 from dd_dist.data.splits import load_split
 from dd_dist.errors import UserError
 from dd_dist.infra.cluster import ray_session
@@ -32,13 +33,15 @@ ACTOR_START_TIMEOUT_S = 600  # an autoscaling cluster may need minutes to add th
 
 
 def label_rows(model, x: torch.Tensor, ids: torch.Tensor, k: int | MCScheme, seed: int, zero_p: float,
-               flip_p: float) -> MCEstimate:
+               flip_p: float, precision: str = "fp32") -> MCEstimate:
     """The MC estimate (on the CPU) of the rows x, whose ids are `ids`: the augmented view at epoch 0,
-    K masks (the plain mean) or an MCScheme."""
+    K masks (the plain mean) or an MCScheme, the teacher's layers computed in `precision`."""
     inputs = augment(x, ids, seed, 0, zero_p, flip_p)
     device = next(model.parameters()).device
     scheme = k if isinstance(k, MCScheme) else MCScheme(k=k)
-    return MCEstimate(*(t.cpu() for t in mc_label(model, inputs.to(device), ids, seed, scheme)))
+    with autocast(precision, device):
+        estimate = mc_label(model, inputs.to(device), ids, seed, scheme)
+    return MCEstimate(*(t.cpu() for t in estimate))
 
 
 def shard_table(ids: np.ndarray, estimate: MCEstimate, dtype: str, topk: int, store_k: bool,
@@ -56,11 +59,15 @@ class ShardLabeller:
 
     def __init__(self, teacher: str, data: dict, scheme: MCScheme, seed: int, zero_p: float, flip_p: float,
                  dtype: str, topk: int, out: str, threads: int, batch_size: int, uncertainty: bool,
-                 device: str = "cpu"):
+                 precision: str = "fp32", device: str = "cpu"):
         torch.set_num_threads(threads)
+        try:  # here, where the actor's device is known
+            check_precision(precision, device)
+        except ValueError as e:
+            raise UserError(f"label.precision: {e}") from None
         self.model = load_model(teacher)[0].to(device)
         self.split = load_split(**data)
-        self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p)
+        self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p, precision=precision)
         # a fixed K is in the manifest; an adaptive one per row in the shards
         self.storage = dict(dtype=dtype, topk=topk, store_k=scheme.adaptive, store_uncertainty=uncertainty)
         self.out, self.batch_size = Path(out), batch_size
@@ -93,7 +100,7 @@ def label_shards(cfg: Config, todo: list[int], n: int, teacher_file: Path, out: 
     actor_args = dict(teacher=str(teacher_file.resolve()), out=str(out.resolve()), scheme=lab.scheme(), seed=cfg.seed,
                       data=RunDir(cfg).split("train"), zero_p=cfg.data.zero_p, flip_p=cfg.data.flip_p, dtype=lab.dtype,
                       topk=lab.topk, threads=lab.threads_per_actor, batch_size=lab.batch_size,
-                      uncertainty=lab.uncertainty, device="cuda" if use_gpu else "cpu")
+                      uncertainty=lab.uncertainty, precision=lab.precision, device="cuda" if use_gpu else "cpu")
     began = time.perf_counter()
     results = []
     with ray_session(cfg.cluster), tqdm(total=sum(i["stop"] - i["start"] for i in items), desc="label",
@@ -108,13 +115,14 @@ def label_shards(cfg: Config, todo: list[int], n: int, teacher_file: Path, out: 
             shards = ray.data.from_items(items).map_batches(
                 ShardLabeller, fn_constructor_kwargs=actor_args, batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=lab.actors, max_tasks_in_flight_per_actor=2),
-                num_cpus=lab.cpus_per_actor, num_gpus=1 if use_gpu else 0,
+                num_cpus=lab.cpus_per_actor, num_gpus=lab.gpus_per_actor if use_gpu else 0,
             )
             for row in shards.iter_rows():  # streams: one row per finished shard
                 results.append(row)
                 bar.update(int(row["rows"]))
         except ray.exceptions.GetTimeoutError:
-            raise UserError(f"{lab.actors} label actors ({lab.cpus_per_actor} CPU{', 1 GPU' if use_gpu else ''} each) "
+            raise UserError(f"{lab.actors} label actors ({lab.cpus_per_actor} CPU"
+                            f"{f', {lab.gpus_per_actor:g} GPU' if use_gpu else ''} each) "
                             f"did not all start within {ACTOR_START_TIMEOUT_S} s: the cluster lacks the resources; "
                             f"lower label.actors or add nodes") from None
         finally:

@@ -24,7 +24,9 @@ from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, file_sha256, write_json
 
 MANIFEST = "manifest.json"
-FORMAT = "dd-dist-labels/1"
+# /2: masks from the counter-based generator (dd_dist.core.masks); /1 labels came from per-row torch generators,
+# which this version can neither replay nor resume
+FORMAT, OLD_FORMAT = "dd-dist-labels/2", "dd-dist-labels/1"
 COMPRESSION = "zstd"
 SHARDS = "train"  # the shards' folder: HF datasets names the split after it
 PENDING = ".pending.json"  # the settings of an unfinished run, so that a resume cannot mix settings
@@ -133,8 +135,11 @@ def read_manifest(directory) -> dict:
         raise UserError(f"{path} is not valid JSON") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{path} is not a {FORMAT} manifest (not a JSON object)")
-    missing = [key for key in ("format", "teacher", "data", "augmentation", "k", "seed", "storage", "rows", "shards")
-               if key not in manifest]
+    missing = [key for key in ("format", "teacher", "data", "augmentation", "k", "seed", "precision", "storage",
+                               "rows", "shards") if key not in manifest]
+    if manifest.get("format") == OLD_FORMAT:
+        raise UserError(f"{path} holds {OLD_FORMAT} labels, whose MC masks this version of dd-dist no "
+                        f"longer draws: label again into a fresh run_dir")
     if manifest.get("format") != FORMAT or missing:
         raise UserError(f"{path} is not a {FORMAT} manifest (missing: {', '.join(missing) or 'format'})")
     if manifest.get("digest") != manifest_digest(manifest):

@@ -27,9 +27,10 @@ import torch
 
 from dd_dist.config import Config
 from dd_dist.core.models import load_model
-from dd_dist.data.splits import load_split, run_split
+from dd_dist.data.splits import load_split
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256
+from dd_dist.infra.cluster import open_split
 from dd_dist.labels.actors import label_rows
 from dd_dist.labels.format import UNCERTAINTY, check_labels_match, check_shards, read_manifest, read_shard, stored_probs
 from dd_dist.schemes import MCScheme
@@ -44,7 +45,7 @@ def reference_split(manifest: dict, cfg: Config):
     """The data the labels must come from: the configured data when the config sets any data field
     or the seed (-c or overrides), else the dataset named in the manifest, reloaded afresh."""
     if cfg.data.model_fields_set or "seed" in cfg.model_fields_set:
-        return run_split(cfg, "train")
+        return open_split(cfg, "train")
     data = manifest["data"]
     return load_split(data["name"], data.get("split", "train"), cfg.data.path, data["rows"], manifest["seed"],
                       cfg.data.cache_dir, data.get("transform"), data.get("channels"), cfg.data.skip_bad)
@@ -100,7 +101,7 @@ def verify_labels(directory, teacher_file, rows: int, cfg: Config) -> dict:
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"the manifest's MC scheme {manifest.get('scheme')} is invalid: {e}") from None
     estimate = label_rows(teacher, torch.from_numpy(split.images(ids)), torch.from_numpy(ids), scheme,
-                          manifest["seed"], aug["zero_p"], aug["flip_p"])
+                          manifest["seed"], aug["zero_p"], aug["flip_p"], manifest["precision"])
     fresh, fresh_k = estimate.probs.numpy(), estimate.k.numpy()
     if scheme.adaptive and (stored_k is None or not np.array_equal(stored_k, fresh_k)):
         wrong = len(ids) if stored_k is None else int((stored_k != fresh_k).sum())

@@ -27,9 +27,11 @@ from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
-from dd_dist.data.splits import Split, run_split
+from dd_dist.core.precision import HALF, autocast, check_precision
+from dd_dist.data.splits import Split
 from dd_dist.errors import UserError
 from dd_dist.files import write_json
+from dd_dist.infra.cluster import open_split
 from dd_dist.infra.tracking import Tracker, active_run_id
 from dd_dist.layout import RunDir
 
@@ -56,30 +58,31 @@ def evaluate(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Score every method on the test split; returns what run_dir/eval/results.json holds."""
     run = RunDir(cfg)
     run.check_writable(run.results.parent)
-    split = run_split(cfg, "test")
-    teacher = _load_checked(run.teacher, split, "teacher")
-    student = _load_checked(run.student, split, "student") if run.student.is_file() else None
-    e, tracker = cfg.eval, Tracker(cfg)
+    split = open_split(cfg, "test")
+    e, tracker, device = cfg.eval, Tracker(cfg), eval_device(cfg)
+    teacher = _load_checked(run.teacher, split, "teacher").to(device)
+    student = _load_checked(run.student, split, "student").to(device) if run.student.is_file() else None
+    one_pass = lambda model: on_device(lambda x, ids: _one_pass(model, x), device, e.precision)  # noqa: E731
     pipeline_run_id = parent_run_id or active_run_id()
     with _torch_threads(e.threads), tracker.stage_run("evaluate", parent_run_id, eval_ks=e.ks) as run_id:
         results = {"dataset": split.name, "arch": cfg.model.arch, "test_images": len(split),
-                   "data_fingerprint": split.fingerprint, "batch_size": e.batch_size,
+                   "data_fingerprint": split.fingerprint, "batch_size": e.batch_size, "device": str(device),
+                   "precision": e.precision,
                    "threads": torch.get_num_threads(), "ece_bins": e.ece_bins, "methods": {}, "notes": []}
         steps = 1 + len(e.ks) * e.repeats + (student is not None)
         with tqdm(total=steps, desc="evaluate", unit="pass") as bar:
             # One-pass methods are timed as often as MC runs seeds, so each latency is a mean of as many runs.
-            results["methods"]["standard"], _ = _score(lambda x, ids: _one_pass(teacher, x), split, e, 1, bar,
-                                                       timings=e.repeats)
+            results["methods"]["standard"], _ = _score(one_pass(teacher), split, e, 1, bar, timings=e.repeats)
             mutual_info = {}  # per test row, of each K's first seed: what an uncertainty head is compared with
             for k in e.ks:
-                results["methods"][f"mc-{k}"], mutual_info[k] = _score_mc(teacher, split, cfg, k, bar)
+                results["methods"][f"mc-{k}"], mutual_info[k] = _score_mc(teacher, split, cfg, k, bar, device)
             if student is not None:
-                results["methods"]["distilled"], _ = _score(lambda x, ids: _one_pass(student, x), split, e, 1,
-                                                            bar, timings=e.repeats)
+                results["methods"]["distilled"], _ = _score(one_pass(student), split, e, 1, bar, timings=e.repeats)
                 if isinstance(student, UncertaintyStudent) and e.ks:
                     k = max(e.ks)
-                    results["methods"]["distilled"]["uncertainty"] = head_agreement(student, split, e.batch_size,
-                                                                                    f"mc-{k}", mutual_info[k])
+                    results["methods"]["distilled"]["uncertainty"] = head_agreement(
+                        on_device(lambda x, ids: student(x, uncertainty=True)[1:], device, e.precision), split,
+                        e.batch_size, f"mc-{k}", mutual_info[k])
             else:
                 results["notes"].append(f"no student at {run.student}: distilled skipped")
         write_json(run.results, results)
@@ -112,12 +115,12 @@ def method_metrics(m: dict) -> dict[str, float]:
     return out
 
 
-def head_agreement(student: UncertaintyStudent, split: Split, batch_size: int, name: str,
-                   reference: torch.Tensor) -> dict:
-    """The student head's mutual information on the test split against `reference`, MC's per row (the MC
-    method `name`, the masks of its first seed): Spearman rank correlation and mean absolute error in nats."""
+def head_agreement(head_of: Predict, split: Split, batch_size: int, name: str, reference: torch.Tensor) -> dict:
+    """The student head's mutual information (head_of(x, ids): (the head's output,)) on the test split against
+    `reference`, MC's per row (the MC method `name`, the masks of its first seed): Spearman rank correlation
+    and mean absolute error in nats."""
     with torch.inference_mode():
-        head = torch.cat([student(x, uncertainty=True)[1].double() for x, _ in test_batches(split, batch_size)])
+        head = torch.cat([head_of(x, ids)[0].double() for x, ids in test_batches(split, batch_size)])
     return {"reference": name, "spearman": float(spearmanr(head, reference).statistic),
             "mae": float((head - reference).abs().mean()), "head_mean": float(head.mean()),
             "reference_mean": float(reference.mean())}
@@ -164,7 +167,7 @@ def _score(predict: Predict, split: Split, e, passes: int, bar: tqdm, warm_up: b
             "reliability": reliability_bins(probs, labels, e.ece_bins)}, spread["mutual_info"]
 
 
-def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> tuple[dict, torch.Tensor]:
+def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm, device: torch.device) -> tuple[dict, torch.Tensor]:
     """MC dropout with K masks, once per seed; mean and sample std over the seeds; and the first seed's
     mutual information per row."""
     runs, first_mutual_info = [], None
@@ -175,7 +178,8 @@ def _score_mc(teacher, split: Split, cfg: Config, k: int, bar: tqdm) -> tuple[di
             estimate = mc_estimate(teacher, x, ids, k, seed)
             return estimate.probs, estimate.expected_entropy
 
-        scored, mutual_info = _score(predict, split, cfg.eval, k, bar, warm_up=repeat == 0)
+        scored, mutual_info = _score(on_device(predict, device, cfg.eval.precision), split, cfg.eval, k, bar,
+                                     warm_up=repeat == 0)
         runs.append(scored)
         first_mutual_info = mutual_info if first_mutual_info is None else first_mutual_info
     out = {"k": k, "forward_passes": k, "repeats": len(runs), "reliability": runs[0]["reliability"]}
@@ -203,10 +207,37 @@ def _timed_predict(predict: Predict, split: Split, batch_size: int, warm_up: boo
         for i, (x, ids) in enumerate(test_batches(split, batch_size)):
             if warm_up and i == 0:  # first-call allocations are not per-image latency
                 predict(x, ids)
+            _synchronize()
             start = time.perf_counter()
             parts.append(predict(x, ids))
+            _synchronize()
             seconds += time.perf_counter() - start
     return tuple(torch.cat(column) for column in zip(*parts)), seconds
+
+
+def eval_device(cfg: Config) -> torch.device:
+    """The GPU with cluster.use_gpu (refused in one line where there is none), else the CPU; checked for
+    eval.precision."""
+    if cfg.cluster.use_gpu and not torch.cuda.is_available():
+        raise UserError(f"cluster.use_gpu=true, but evaluate runs where torch {torch.__version__} sees no CUDA device")
+    device = torch.device("cuda" if cfg.cluster.use_gpu else "cpu")
+    try:
+        check_precision(cfg.eval.precision, device)
+    except ValueError as e:
+        raise UserError(f"eval.precision: {e}") from None
+    return device
+
+
+def on_device(predict: Predict, device: torch.device, precision: str) -> Predict:
+    """predict on `device` in `precision` (autocast), its outputs back on the CPU: the copy back waits for
+    the device, so a timed call counts the whole prediction."""
+
+    def run(x: torch.Tensor, ids: torch.Tensor):
+        with autocast(precision, device):
+            out = predict(x.to(device), ids.to(device))
+        return tuple(t.float().cpu() if t.dtype in HALF.values() else t.cpu() for t in out)
+
+    return run
 
 
 def _one_pass(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +252,12 @@ def _load_checked(path: Path, split: Split, role: str):
     model, spec = load_model(path)
     check_fits(spec, split, f"{role} at {path}")
     return model
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a clock read brackets the work of the call alone."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @contextmanager

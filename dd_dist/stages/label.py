@@ -18,10 +18,11 @@ import dd_dist
 from dd_dist.config import Config
 from dd_dist.core.mc_schemes import check_model
 from dd_dist.core.models import check_fits, load_model
-from dd_dist.data.splits import Split, run_split
+from dd_dist.core.precision import check_precision
+from dd_dist.data.splits import Split
 from dd_dist.errors import UserError
 from dd_dist.files import file_sha256, write_json
-from dd_dist.infra.cluster import check_resources, ray_session
+from dd_dist.infra.cluster import check_resources, open_split, ray_session
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.actors import label_shards
 from dd_dist.labels.format import (FORMAT, MANIFEST, PENDING, SHARDS, UNCERTAINTY, read_manifest, shard_name,
@@ -51,7 +52,7 @@ def label_settings(cfg: Config, teacher_file: Path, spec: dict, split: Split) ->
     return {
         "format": FORMAT,
         "teacher": {"sha256": file_sha256(teacher_file), "spec": spec},
-        "p": spec["p"], "k": lab.k, "seed": cfg.seed,
+        "p": spec["p"], "k": lab.k, "seed": cfg.seed, "precision": lab.precision,
         # the plain K-mask mean has no entry (so labels from before schemes existed still resume)
         **({} if scheme.plain else {"scheme": scheme.record()}),
         # the columns of each row's MC uncertainty; none in labels from before they existed
@@ -105,7 +106,7 @@ def run_label(cfg: Config) -> Path:
     run = RunDir(cfg)
     out, teacher_file = run.labels, run.teacher
     teacher, spec = load_model(teacher_file)
-    split = run_split(cfg, "train")
+    split = open_split(cfg, "train")
     check_fits(spec, split, f"teacher {teacher_file}")
     if spec["arch"] != cfg.model.arch or spec["p"] != cfg.model.p:
         raise UserError(f"teacher {teacher_file} is {spec['arch']} with p={spec['p']}, "
@@ -115,6 +116,11 @@ def run_label(cfg: Config) -> Path:
             check_model(teacher, cfg.label.scheme())
         except ValueError as e:
             raise UserError(f"label.control_variate: {e}") from None
+    if not cfg.cluster.use_gpu:  # a GPU actor checks its own device
+        try:
+            check_precision(cfg.label.precision, "cpu")
+        except ValueError as e:
+            raise UserError(f"label.precision: {e}") from None
     settings = label_settings(cfg, teacher_file, spec, split)
     if _check_resume(out, settings):
         print(f"labels in {out} are complete and match the config: nothing to do")
@@ -126,7 +132,8 @@ def run_label(cfg: Config) -> Path:
     with ray_session(cfg.cluster) if todo else contextlib.nullcontext():
         if todo:  # before anything is written: an actor pool this Ray can never hold fails at once
             lab = cfg.label
-            check_resources(cfg.cluster, "label.actors", lab.actors, lab.cpus_per_actor, cfg.cluster.use_gpu)
+            check_resources(cfg.cluster, "label.actors", lab.actors, lab.cpus_per_actor,
+                            lab.gpus_per_actor if cfg.cluster.use_gpu else 0)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / PENDING, settings)
         for stale in out.glob(f"{SHARDS}/.part-*.tmp"):  # temp files of a killed run

@@ -19,7 +19,7 @@ from dd_dist.core.tasks import StudentTask, Task, build_student, build_teacher
 from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
 from dd_dist.files import atomic_write, write_json
-from dd_dist.infra.cluster import check_resources, ray_session
+from dd_dist.infra.cluster import check_resources, open_split, ray_session
 from dd_dist.infra.tracking import Tracker
 from dd_dist.labels.format import check_labels_match, check_shards, read_manifest
 from dd_dist.layout import HISTORY, MODEL, RunDir
@@ -70,7 +70,7 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     ds_config = load_deepspeed_config(cfg)
     if opt.optimizer == "deepspeed" and "optimizer" not in ds_config:
         raise UserError(f"optimizer=deepspeed needs an 'optimizer' block in {cfg.cluster.deepspeed}")
-    split = run_split(cfg, "train")
+    split = open_split(cfg, "train")
     if is_factory(cfg.model.arch) or cfg.distill.arch:  # a user's net: fails here, not in each worker
         (build_student if task is StudentTask else build_teacher)(cfg, split)
     labels, shards, label_seed = None, None, cfg.seed
@@ -85,7 +85,8 @@ def train(cfg: Config, task: Task, run_id: str | None = None) -> tuple[Path, lis
     # whatever its settings were. Restarts inside this run resume from its own checkpoints.
     name = f"{run.root.name}-{task.role}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     with ray_session(cfg.cluster):
-        check_resources(cfg.cluster, "cluster.num_workers", workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu)
+        check_resources(cfg.cluster, "cluster.num_workers", workers, cfg.cluster.cpus_per_worker,
+                        1 if cfg.cluster.use_gpu else 0)
         rows = training_dataset(run_split(absolute, "train"), cfg.seed, labels, shards,
                                 cfg.distill.uncertainty and labels is not None)
         trainer = TorchTrainer(

@@ -31,6 +31,7 @@ def train_worker(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
     import ray.train  # heavy, and present only inside a Ray Train worker
+    import ray.train.torch
 
     began = time.perf_counter()
     cfg, task = Config.model_validate(config["cfg"]), config["task"]
@@ -41,7 +42,7 @@ def train_worker(config: dict) -> None:
     nodes = [None] * world  # where each rank runs, for the history
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     split = run_split(cfg, "train")  # its metadata: the rows come from the stream
-    setup = task.setup(cfg, split, config["label_seed"])
+    setup = task.setup(cfg, split, config["label_seed"], ray.train.torch.get_device())  # an online teacher's device
     shard = ray.train.get_dataset_shard("train")
     engine, optimizer = _engine(setup.model, opt, config["ds"], world)
 
@@ -85,10 +86,12 @@ def train_worker(config: dict) -> None:
         history.append(row)
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag="ds", client_state={"epoch": epoch + 1, "step": step})
+            last = epoch + 1 == opt.epochs
+            master = _master_weights(engine) if last else None  # a collective: every rank takes part
             if rank == 0:
                 (Path(d) / HISTORY).write_text(json.dumps(history))
-                if epoch + 1 == opt.epochs:  # the export, for the driver to copy out of the final checkpoint
-                    save_model(Path(d) / MODEL, engine.module.float(), setup.spec,
+                if last:  # the export, for the driver to copy out of the final checkpoint
+                    save_model(Path(d) / MODEL, _with_weights(engine.module, master), setup.spec,
                                {"data_fingerprint": setup.fingerprint, "stage": task.role, "final_loss": row["loss"]})
             ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
@@ -112,6 +115,29 @@ def _engine(model: torch.nn.Module, opt, ds_json: dict, world: int):
         ds["zero_allow_untested_optimizer"] = True  # DeepSpeed's requirement for a torch optimizer under ZeRO
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=ds)
     return engine, optimizer
+
+
+def _master_weights(engine) -> dict[str, torch.Tensor]:
+    """The optimizer's full fp32 copy of each parameter, where DeepSpeed keeps one (ZeRO 1/2, its bf16
+    optimizer): under bf16 / fp16 the module holds only the rounded weights. Gathered over the ranks."""
+    from deepspeed.utils import safe_get_full_fp32_param  # heavy: only inside a training worker
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            out[name] = full.detach().float().cpu()
+    return out
+
+
+def _with_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The module in float32 with `weights` (by parameter name) copied in: what the export saves."""
+    module = module.float()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name in weights:
+                param.copy_(weights[name].to(param.device))
+    return module
 
 
 def _input_dtype(engine) -> torch.dtype:

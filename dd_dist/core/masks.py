@@ -1,0 +1,109 @@
+"""MC dropout's keep-masks, drawn on the model's device by a counter-based generator.
+
+Every mask bit is a pure function of (seed, layer, row id, sample j, unit): a splitmix64 stream per
+(seed, layer, row, bit plane), read at the counter (j * units + unit) // 64. So a row's masks are the
+same in any batch, order, chunking, process, machine or device, and sample j does not depend on k.
+It is integer arithmetic on int64 tensors (wrapping products, shifts masked to be logical), the same
+bits on CPU and CUDA, with no Python loop over rows.
+
+One 64-bit word decides 64 units at once (bit-sliced): a unit is dropped when its 16-bit uniform u,
+one bit from each of up to PLANES words, is below t = round(p * 2^16), compared bit by bit from the
+lowest set bit of t upwards. Dropout at p = 0.5 costs one word per 64 units, p = 0.25 two; a p that
+is no multiple of 2^-16 (0.2) is rounded to the nearest one, within 2^-17 of p, far below MC's noise.
+Antithetic partners use the complemented words, u' = 2^16 - 1 - u: each still drops a unit with the
+same probability; at p = 0.5 the partner is the complement, and for p < 0.5 no unit is dropped by both.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from dd_dist.core.augment import row_rng_seed
+
+PLANES = 16  # bits of precision of p
+GENERATOR = "splitmix64-bitsliced/1"  # recorded in the label manifest: other masks, other labels
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
+_MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 with the same bits (torch has no uint64 products)."""
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: clear the copied sign bits)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor."""
+    z ^= _shr(z, 30)
+    z *= _signed(_MUL1)
+    z ^= _shr(z, 27)
+    z *= _signed(_MUL2)
+    z ^= _shr(z, 31)
+    return z
+
+
+def words(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
+    """(rows, count) int64: outputs 1..count of the splitmix64 stream of each row in `stream`."""
+    start = _mix(row_ids.to(torch.int64) * _signed(_GAMMA) + _signed(stream))  # a stream per row
+    counter = torch.arange(1, count + 1, dtype=torch.int64, device=row_ids.device) * _signed(_GAMMA)
+    return _mix(start[:, None] + counter)
+
+
+@functools.cache
+def _bytes_to_bools(device: torch.device) -> torch.Tensor:
+    """(256,) int64: byte b as 8 bytes of 0/1 in memory order, bit i of b at byte i (little-endian words)."""
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    return (bits << (8 * torch.arange(8))).sum(1).to(device)
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """(rows, n) bool, contiguous, of the first n bits of each row of (rows, words) int64, bit i of word w
+    at w * 64 + i: each byte looked up as 8 bools at once (index_select: several times faster than indexing)."""
+    as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
+    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.reshape(-1).long())
+    bools = bools.view(torch.bool).view(len(packed), -1)
+    return bools if bools.shape[1] == n else bools[:, :n].contiguous()
+
+
+def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int, antithetic: bool = False):
+    """(rows, ceil(bits / 64)) int64 whose bits are set where a unit is dropped (with probability
+    round(p * 2^16) / 2^16); antithetic: the partners' drop bits from the complemented uniforms."""
+    cut = round(p * 2**PLANES)
+    count = -(-bits // 64)
+    dropped = None
+    lowest = (cut & -cut).bit_length()  # the plane of t's lowest set bit, counted from its least significant
+    for plane in range(lowest, PLANES + 1):  # weight 2^(plane - 1 - PLANES), least significant first
+        v = words(row_ids, row_rng_seed(seed, layer, plane), count)
+        if antithetic:
+            v = ~v  # the complemented uniform's bit
+        set_in_cut = (cut >> (plane - 1)) & 1
+        # u < t, compared from this bit upwards: v is the complement of u's bit (as uniform as u's bit)
+        dropped = v if dropped is None else (dropped | v if set_in_cut else dropped & v)
+    return dropped
+
+
+def keep_masks(row_ids, layer: int, k: int, n: int, p: float, seed: int, antithetic: bool = False,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """(rows, k, n) boolean keep-masks of one dropout layer with n units on `device`; each unit is dropped
+    with probability p (rounded to 16 bits, see above).
+
+    antithetic (k even): samples 2i and 2i+1 are a pair: sample 2i is sample i of the plain stream
+    (keep_masks with k / 2), sample 2i+1 its partner from the complemented uniforms."""
+    if antithetic and k % 2:
+        raise ValueError(f"antithetic masks come in pairs: k must be even, got {k}")
+    ids = torch.as_tensor(row_ids, dtype=torch.int64, device=device)
+    cut = round(p * 2**PLANES)
+    if cut in (0, 2**PLANES):  # nothing to draw
+        return torch.full((len(ids), k, n), cut == 0, dtype=torch.bool, device=ids.device)
+    base = k // 2 if antithetic else k
+    keep = unpack(~drop_bits(ids, layer, base * n, p, seed), base * n).view(-1, base, n)
+    if antithetic:
+        partner = unpack(~drop_bits(ids, layer, base * n, p, seed, antithetic=True), base * n).view(-1, base, n)
+        keep = torch.stack([keep, partner], 2)
+    return keep.reshape(-1, k, n)

@@ -1,0 +1,86 @@
+"""The counter-based MC mask generator: its bits against a plain-Python splitmix64, its drop probability,
+its independence of batch and device, and labels of the older generator refused in one line."""
+import json
+
+import pytest
+import torch
+
+from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.masks import PLANES, keep_masks
+from dd_dist.errors import UserError
+from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
+
+M64 = 2**64 - 1
+
+
+def splitmix_output(state: int) -> int:
+    z = state & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def reference_keep(row: int, layer: int, k: int, n: int, p: float, seed: int, complement: bool = False):
+    """keep_masks of one row, the plain way: unit u of sample j reads bit (j*n + u) of each bit plane's
+    stream and is dropped when those bits, read as a 16-bit number u, fall below round(p * 2^16)."""
+    cut = round(p * 2**PLANES)
+    keep = []
+    for j in range(k):
+        row_masks = []
+        for unit in range(n):
+            bit = j * n + unit
+            value = 0
+            for plane in range(1, PLANES + 1):
+                start = splitmix_output(row * 0x9E3779B97F4A7C15 + row_rng_seed(seed, layer, plane))
+                word = splitmix_output(start + (bit // 64 + 1) * 0x9E3779B97F4A7C15)
+                value |= ((word >> (bit % 64)) & 1) << (plane - 1)  # the complement of u's bit
+            u = (2**PLANES - 1 - value) if not complement else value
+            row_masks.append(u >= cut)
+        keep.append(row_masks)
+    return torch.tensor(keep)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.8])
+def test_mask_bits_are_splitmix64_streams_of_seed_layer_and_row(p):
+    rows = [0, 7, 2**40 + 3]
+    masks = keep_masks(rows, 2, 3, 70, p, seed=11)  # 210 bits a row: across word boundaries
+    for i, row in enumerate(rows):
+        assert torch.equal(masks[i], reference_keep(row, 2, 3, 70, p, 11))
+    partners = keep_masks(rows, 2, 6, 70, p, seed=11, antithetic=True)[:, 1::2]
+    assert torch.equal(partners[1], reference_keep(7, 2, 3, 70, p, 11, complement=True))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.125])
+def test_a_dyadic_p_is_drawn_exactly(p):
+    """For p = j / 2^16 the drop rate is p exactly: checked against the binomial's spread on 4M units."""
+    keep = keep_masks(torch.arange(400), 0, 100, 100, p, seed=3)
+    rate = 1 - keep.double().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / keep.numel()) ** 0.5
+
+
+def test_masks_are_uncorrelated_across_units_samples_rows_and_layers():
+    keep = keep_masks(torch.arange(200), 1, 64, 64, 0.5, seed=5).double() - 0.5
+    other_layer = keep_masks(torch.arange(200), 2, 64, 64, 0.5, seed=5).double() - 0.5
+    bound = 4 * 0.25 / keep.numel() ** 0.5  # 4 standard errors of a product of two independent +-1/2
+    for a, b in ((keep[:, :, 1:], keep[:, :, :-1]), (keep[:, 1:], keep[:, :-1]), (keep[1:], keep[:-1]),
+                 (keep, other_layer)):
+        assert abs((a * b).mean().item()) < bound * (keep.numel() / a.numel()) ** 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_masks_are_bit_identical():
+    rows = torch.arange(1000) * 7919
+    for p, antithetic in ((0.5, False), (0.3, True), (0.2, False)):
+        cpu = keep_masks(rows, 1, 20, 300, p, seed=4, antithetic=antithetic)
+        cuda = keep_masks(rows.cuda(), 1, 20, 300, p, seed=4, antithetic=antithetic, device="cuda")
+        assert cuda.is_cuda and torch.equal(cpu, cuda.cpu())
+
+
+def test_labels_of_the_older_mask_generator_are_refused_in_one_line(tmp_path):
+    body = {"format": OLD_FORMAT, "teacher": {}, "data": {}, "augmentation": {}, "k": 1, "seed": 0, "storage": {},
+            "rows": 0, "shards": []}
+    (tmp_path / MANIFEST).write_text(json.dumps({**body, "digest": manifest_digest(body)}))
+    with pytest.raises(UserError, match=f"holds {OLD_FORMAT} labels, whose MC masks .* label again") as refused:
+        read_manifest(tmp_path)
+    assert "\n" not in str(refused.value)
