@@ -17,7 +17,7 @@ import torch
 from dd_dist.core.augment import row_rng_seed
 from dd_dist.core.masks import keep_masks
 
-ROWS, K, UNITS, REPEATS = 256, 100, 500, 5
+ROWS, K, UNITS, REPEATS = 256, 100, 500, 20
 
 
 def per_row_keep_masks(row_ids: list[int], layer: int, k: int, n: int, p: float, seed: int) -> torch.Tensor:

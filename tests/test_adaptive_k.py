@@ -70,7 +70,7 @@ SCHEMES = {
 }
 
 
-@pytest.mark.parametrize("p", [0.5, 0.3])  # 0.3: the antithetic partner needs its own tie-breaking draws
+@pytest.mark.parametrize("p", [0.5, 0.3])  # 0.3: no multiple of 2^-k, all 16 bit planes of the mask generator
 @pytest.mark.parametrize("name", SCHEMES)
 def test_each_scheme_is_an_unbiased_estimate_of_the_exact_mc_mean(name, p):
     net = small_net(p)

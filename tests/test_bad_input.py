@@ -201,6 +201,7 @@ ENTRY_CALLS = [replace(call, entry=True) for call in [
     Call("student-wider-than-1", "distill distill.width=1.5", "'distill.width': Input should be less than or equal to 1"),
     Call("unknown-arch", "teacher model.arch=resnet", "'model.arch'"),
     Call("unknown-label-dtype", "label label.dtype=int8", "'label.dtype'"),
+    Call("unknown-precision", "label label.precision=fp8", "'label.precision'"),
     Call("eval-k-below-1", "evaluate eval.ks=[0,5]", "ks [0, 5] must be a non-empty list of K >= 1"),
     Call("lr-step-after-last-epoch", "teacher teacher.lr_steps=[50]", "lr_steps [50] must lie in [1, epochs=2)"),
     Call("no-workers", "teacher cluster.num_workers=0", "'cluster.num_workers'"),
@@ -253,7 +254,14 @@ STAGE_CALLS = [
     Call("storage-path-not-writable", "teacher cluster.storage_path={ws}/a-file/store",
          "cluster.storage_path {ws}/a-file/store cannot be created"),
 ]
-CALLS = [*ENTRY_CALLS, *STAGE_CALLS]
+# GPUs asked for where there is none (this machine's case; where CUDA exists these calls would run).
+NO_GPU_CALLS = [] if torch.cuda.is_available() else [
+    Call("teacher-on-a-gpu-without-one", "teacher cluster.use_gpu=true", "sees no CUDA device here"),
+    Call("label-on-a-gpu-without-one", "label cluster.use_gpu=true label.gpus_per_actor=0.5",
+         "sees no CUDA device here", "teacher"),
+    Call("evaluate-on-a-gpu-without-one", "evaluate cluster.use_gpu=true", "sees no CUDA device", "teacher"),
+]
+CALLS = [*ENTRY_CALLS, *STAGE_CALLS, *NO_GPU_CALLS]
 # A teacher of width 0.5 with distill.width=1 and init=teacher: the student would be wider than the
 # teacher it copies, and init_student_from_teacher silently re-initialises every resized layer.
 WIDER_STUDENT = Call("student-wider-than-its-teacher", "distill", "wider than", "half_width")

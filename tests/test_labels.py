@@ -243,6 +243,17 @@ def test_labels_without_uncertainty_columns_and_their_resume(ray_cluster, teache
         run_label(config(tmp_path, teacher_dir))
 
 
+def test_bf16_labels_are_recorded_replayed_and_close_to_fp32(good_labels, teacher_dir, tmp_path):
+    cfg, fp32 = good_labels
+    bf16 = run_label(config(tmp_path, teacher_dir, "label.precision=bf16"))
+    assert read_manifest(bf16)["precision"] == "bf16" and read_manifest(fp32)["precision"] == "fp32"
+    assert verify_labels(bf16, teacher_dir / "teacher" / "model.pt", 200, cfg)["rows"] == 200
+    p, q = load_soft_labels(fp32)[1].double(), load_soft_labels(bf16)[1].double()
+    assert 0 < (torch.xlogy(p, p) - p * q.log()).sum(1).mean() < 1e-3  # rounded layers, float32 means
+    with pytest.raises(UserError, match=r"other settings \(precision\)"):  # no resume across precisions
+        run_label(config(tmp_path, teacher_dir))
+
+
 def test_verify_replays_the_uncertainty_columns(good_labels, teacher_dir, tmp_path):
     cfg, out = good_labels
     forged = copy_labels(out, tmp_path / "forged")  # probabilities intact, mutual information swapped between rows

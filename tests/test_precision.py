@@ -5,6 +5,7 @@ import torch
 
 from dd_dist.core.models import build_model, model_spec
 from dd_dist.core.precision import check_precision
+from dd_dist.errors import UserError
 from dd_dist.labels.actors import label_rows
 from dd_dist.labels.verify import KL_TOLERANCE
 from dd_dist.schemes import MCScheme
@@ -44,8 +45,9 @@ def test_half_precision_labels_replay_in_another_batch_within_verify_tolerance(t
 
 def test_a_precision_the_device_lacks_is_one_line():
     check_precision("bf16", "cpu")
-    with pytest.raises(ValueError, match="bf16 was asked for, but torch .* cannot compute in it on meta") as refused:
-        check_precision("bf16", "meta")
+    with pytest.raises(UserError, match="eval.precision: bf16 was asked for, but torch .* cannot compute in it on "
+                                        "meta") as refused:
+        check_precision("bf16", "meta", "eval.precision")
     assert "\n" not in str(refused.value)
-    with pytest.raises(ValueError, match="not one of fp32, bf16, fp16"):
+    with pytest.raises(UserError, match="not one of fp32, bf16, fp16"):
         check_precision("fp8", "cpu")

@@ -1,7 +1,7 @@
 """MC dropout's keep-masks, drawn on the model's device by a counter-based generator.
 
-Every mask bit is a pure function of (seed, layer, row id, sample j, unit): a splitmix64 stream per
-(seed, layer, row, bit plane), read at the counter (j * units + unit) // 64. So a row's masks are the
+Every mask bit is a pure function of (seed, layer, row id, sample j, unit): bit b = j * units + unit of a
+splitmix64 stream per (seed, layer, row, bit plane), in its word b // 64 at bit b % 64. So a row's masks are the
 same in any batch, order, chunking, process, machine or device, and sample j does not depend on k.
 It is integer arithmetic on int64 tensors (wrapping products, shifts masked to be logical), the same
 bits on CPU and CUDA, with no Python loop over rows.
@@ -66,7 +66,7 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """(rows, n) bool, contiguous, of the first n bits of each row of (rows, words) int64, bit i of word w
     at w * 64 + i: each byte looked up as 8 bools at once (index_select: several times faster than indexing)."""
     as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
-    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.reshape(-1).long())
+    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.int().reshape(-1))  # int32 indices: half the bytes of int64
     bools = bools.view(torch.bool).view(len(packed), -1)
     return bools if bools.shape[1] == n else bools[:, :n].contiguous()
 

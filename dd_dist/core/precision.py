@@ -9,19 +9,22 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from dd_dist.errors import UserError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_precision(precision: str, device: torch.device | str) -> None:
-    """ValueError in one line unless this device computes in `precision` (autocast really lowers a Linear)."""
+def check_precision(precision: str, device: torch.device | str, key: str = "precision") -> None:
+    """A one-line UserError naming the config `key` unless this device computes in `precision` (autocast
+    really lowers a Linear to it)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise UserError(f"{key}: {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if precision == "fp32":
         return
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{precision} was asked for, but {torch.cuda.get_device_name(device)} has no bfloat16")
+        raise UserError(f"{key}: {precision} was asked for, but {torch.cuda.get_device_name(device)} has no bfloat16")
     try:
         ones = torch.ones(2, 2, device=device)
         with warnings.catch_warnings(), torch.autocast(device.type, dtype=HALF[precision]):
@@ -30,7 +33,8 @@ def check_precision(precision: str, device: torch.device | str) -> None:
     except RuntimeError:  # no autocast at all on this kind of device
         lowered = False
     if not lowered:
-        raise ValueError(f"{precision} was asked for, but torch {torch.__version__} cannot compute in it on {device.type}")
+        raise UserError(f"{key}: {precision} was asked for, but torch {torch.__version__} cannot compute in it on "
+                        f"{device.type}")
 
 
 def autocast(precision: str, device: torch.device | str):

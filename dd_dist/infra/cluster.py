@@ -7,6 +7,8 @@ import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import torch
+
 from dd_dist.config import ClusterConfig, Config
 from dd_dist.data.cache import large_build
 from dd_dist.data.decoding import ray_is_up
@@ -61,6 +63,10 @@ def ray_session(cfg: ClusterConfig):
         # A submitted job already carries its runtime env (make submit sets the same variables).
         ray.init(address=address)
     else:
+        if cfg.use_gpu and not torch.cuda.is_available():  # before Ray starts: its start-up line is no error
+            raise UserError(f"cluster.use_gpu=true, but torch {torch.__version__} sees no CUDA device here and a local "
+                            f"Ray cannot grow: set cluster.use_gpu=false, or connect to a cluster with GPUs "
+                            f"(cluster.address)")
         # A local Ray: loopback only, no dashboard needed for a single run. More logical CPUs than
         # cores, so that Ray Data's read tasks still run beside the training workers and label actors.
         env = {**LOCAL_ENV, **({} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}),
@@ -86,17 +92,12 @@ def open_split(cfg: Config, which: str) -> Split:
 def check_resources(cfg: ClusterConfig, what: str, count: int, cpus: float, gpus: float = 0) -> None:
     """Refuse at once, in one line, `count` actors or workers of `cpus` CPUs and `gpus` GPUs each that this
     Ray can never hold, where it cannot grow: a local one (no cluster.address / RAY_ADDRESS). Call it with
-    Ray initialised. On an existing cluster the autoscaler may add nodes: there the wait goes on, except
-    for GPUs that no node has and none is configured to bring (no GPU in the cluster at all)."""
+    Ray initialised. On an existing cluster the autoscaler may add nodes (GPU nodes too): there the wait goes on."""
     import ray  # heavy: called inside ray_session only
 
-    have = ray.cluster_resources()
-    if gpus and not have.get("GPU"):
-        raise UserError(f"cluster.use_gpu=true, but the Ray cluster has no GPU resources"
-                        f"{'' if cluster_address(cfg) else ' (a local Ray on a machine without a CUDA device)'}: "
-                        f"set cluster.use_gpu=false, or connect to a cluster with GPUs")
     if cluster_address(cfg):
         return
+    have = ray.cluster_resources()
     need = {"CPU": count * cpus, "GPU": count * gpus}
     if any(need[kind] > have.get(kind, 0) + 1e-9 for kind in need):
         asked = " and ".join(f"{need[kind]:g} {kind}s" for kind in need if need[kind])

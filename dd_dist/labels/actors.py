@@ -61,10 +61,7 @@ class ShardLabeller:
                  dtype: str, topk: int, out: str, threads: int, batch_size: int, uncertainty: bool,
                  precision: str = "fp32", device: str = "cpu"):
         torch.set_num_threads(threads)
-        try:  # here, where the actor's device is known
-            check_precision(precision, device)
-        except ValueError as e:
-            raise UserError(f"label.precision: {e}") from None
+        check_precision(precision, device, "label.precision")  # here, where the actor's device is known
         self.model = load_model(teacher)[0].to(device)
         self.split = load_split(**data)
         self.mc = dict(k=scheme, seed=seed, zero_p=zero_p, flip_p=flip_p, precision=precision)

@@ -24,10 +24,10 @@ from tqdm import tqdm
 from dd_dist.config import Config
 from dd_dist.core.augment import row_rng_seed
 from dd_dist.core.heads import UncertaintyStudent
-from dd_dist.core.mc import entropy, mc_estimate, standard_probs, uncertainty
+from dd_dist.core.mc import entropy, full_precision, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
-from dd_dist.core.precision import HALF, autocast, check_precision
+from dd_dist.core.precision import autocast, check_precision
 from dd_dist.data.splits import Split
 from dd_dist.errors import UserError
 from dd_dist.files import write_json
@@ -221,10 +221,7 @@ def eval_device(cfg: Config) -> torch.device:
     if cfg.cluster.use_gpu and not torch.cuda.is_available():
         raise UserError(f"cluster.use_gpu=true, but evaluate runs where torch {torch.__version__} sees no CUDA device")
     device = torch.device("cuda" if cfg.cluster.use_gpu else "cpu")
-    try:
-        check_precision(cfg.eval.precision, device)
-    except ValueError as e:
-        raise UserError(f"eval.precision: {e}") from None
+    check_precision(cfg.eval.precision, device, "eval.precision")
     return device
 
 
@@ -235,7 +232,7 @@ def on_device(predict: Predict, device: torch.device, precision: str) -> Predict
     def run(x: torch.Tensor, ids: torch.Tensor):
         with autocast(precision, device):
             out = predict(x.to(device), ids.to(device))
-        return tuple(t.float().cpu() if t.dtype in HALF.values() else t.cpu() for t in out)
+        return tuple(full_precision(t).cpu() for t in out)
 
     return run
 

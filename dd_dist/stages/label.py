@@ -117,10 +117,7 @@ def run_label(cfg: Config) -> Path:
         except ValueError as e:
             raise UserError(f"label.control_variate: {e}") from None
     if not cfg.cluster.use_gpu:  # a GPU actor checks its own device
-        try:
-            check_precision(cfg.label.precision, "cpu")
-        except ValueError as e:
-            raise UserError(f"label.precision: {e}") from None
+        check_precision(cfg.label.precision, "cpu", "label.precision")
     settings = label_settings(cfg, teacher_file, spec, split)
     if _check_resume(out, settings):
         print(f"labels in {out} are complete and match the config: nothing to do")
