@@ -22,7 +22,6 @@ import torch
 from dd_dist.core.augment import row_rng_seed
 
 PLANES = 16  # bits of precision of p
-GENERATOR = "splitmix64-bitsliced/1"  # recorded in the label manifest: other masks, other labels
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
 _MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
@@ -66,25 +65,28 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     """(rows, n) bool, contiguous, of the first n bits of each row of (rows, words) int64, bit i of word w
     at w * 64 + i: each byte looked up as 8 bools at once (index_select: several times faster than indexing)."""
     as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
-    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.int().reshape(-1))  # int32 indices: half the bytes of int64
+    # int32 indices: half the bytes of int64
+    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.int().reshape(-1))
     bools = bools.view(torch.bool).view(len(packed), -1)
     return bools if bools.shape[1] == n else bools[:, :n].contiguous()
 
 
-def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int, antithetic: bool = False):
-    """(rows, ceil(bits / 64)) int64 whose bits are set where a unit is dropped (with probability
-    round(p * 2^16) / 2^16); antithetic: the partners' drop bits from the complemented uniforms."""
+def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
+              antithetic: bool = False) -> list[torch.Tensor]:
+    """[(rows, ceil(bits / 64)) int64] whose bits are set where a unit is dropped (with probability
+    round(p * 2^16) / 2^16); antithetic: a second one, the partners' drop bits from the complemented
+    uniforms of the same words (each plane's words are hashed once for both)."""
     cut = round(p * 2**PLANES)
     count = -(-bits // 64)
-    dropped = None
+    dropped: list[torch.Tensor] = []
     lowest = (cut & -cut).bit_length()  # the plane of t's lowest set bit, counted from its least significant
     for plane in range(lowest, PLANES + 1):  # weight 2^(plane - 1 - PLANES), least significant first
         v = words(row_ids, row_rng_seed(seed, layer, plane), count)
-        if antithetic:
-            v = ~v  # the complemented uniform's bit
+        # u < t, compared from this bit upwards: v is the complement of u's bit (as uniform as u's bit); the
+        # partner's uniform is u's complement, whose bit's complement is ~v
+        planes = [v, ~v] if antithetic else [v]
         set_in_cut = (cut >> (plane - 1)) & 1
-        # u < t, compared from this bit upwards: v is the complement of u's bit (as uniform as u's bit)
-        dropped = v if dropped is None else (dropped | v if set_in_cut else dropped & v)
+        dropped = planes if not dropped else [d | w if set_in_cut else d & w for d, w in zip(dropped, planes)]
     return dropped
 
 
@@ -102,8 +104,5 @@ def keep_masks(row_ids, layer: int, k: int, n: int, p: float, seed: int, antithe
     if cut in (0, 2**PLANES):  # nothing to draw
         return torch.full((len(ids), k, n), cut == 0, dtype=torch.bool, device=ids.device)
     base = k // 2 if antithetic else k
-    keep = unpack(~drop_bits(ids, layer, base * n, p, seed), base * n).view(-1, base, n)
-    if antithetic:
-        partner = unpack(~drop_bits(ids, layer, base * n, p, seed, antithetic=True), base * n).view(-1, base, n)
-        keep = torch.stack([keep, partner], 2)
-    return keep.reshape(-1, k, n)
+    keep = [unpack(~d, base * n).view(-1, base, n) for d in drop_bits(ids, layer, base * n, p, seed, antithetic)]
+    return (torch.stack(keep, 2) if antithetic else keep[0]).reshape(-1, k, n)
