@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui reproduce reproduce-quick bench bench-ood bench-scale clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui schedule-search reproduce reproduce-quick bench bench-ood bench-scale clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ mlflow-ui: setup
 
 fashion-mnist:
 	bash launch/fetch_fashion_mnist.sh data/fashion-mnist
+
+# Each reproduction row's teacher schedule chosen on the validation split (lr x step x epochs, seed 0, the plain
+# loop), accumulated into benchmarks/results/schedule_search.md; about 30-40 min a row on 2 cores.
+SEARCH_ROWS ?= mnist-lenet,mnist-lenet_all,mnist-mlp
+schedule-search: setup
+	$(BIN)/python -m benchmarks.schedule_search --rows $(SEARCH_ROWS)
 
 # The paper's protocol through the pipeline, accumulated into benchmarks/results/reproduce.md:
 # run it again with other SEEDS= / ROWS= (see benchmarks/reproduce.py for the rows); at most 2.5 h a call.
