@@ -139,10 +139,33 @@ def test_student_of_the_same_architecture_copies_everything():
     assert torch.equal(student.eval()(x), teacher.eval()(x))
 
 
-def test_smaller_student_reinitialises_resized_layers():
+@pytest.mark.parametrize("arch", ["lenet", "lenet_all", "mlp", "allconv"])
+def test_smaller_student_is_the_teacher_pruned_to_its_strongest_units(arch):
+    """A teacher whose units beyond the student's width are dead (zero weights in and out, zero bias) computes
+    the same function as the student pruned from it: the prune kept exactly its live units, in order,
+    with the right input columns (a Linear after a Flatten reads blocks of positions per kept channel)."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32) if arch == "allconv" else MNIST
+    teacher, student = build_model(arch, shape, 10), build_model(arch, shape, 10, width=0.6)
+    weights = [m for m in teacher if isinstance(m, (nn.Conv2d, nn.Linear))]
+    narrow = [m for m in student if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        for layer, after, small in zip(weights, weights[1:], narrow):
+            dead = torch.randperm(layer.out_channels if hasattr(layer, "out_channels") else layer.out_features)
+            dead = dead[small.weight.shape[0]:]
+            layer.weight[dead] = 0
+            layer.bias[dead] = 0
+            positions = after.weight.shape[1] // layer.weight.shape[0]
+            after.weight[:, (dead[:, None] * positions + torch.arange(positions)).flatten()] = 0
+    assert init_student_from_teacher(student, teacher) == []
+    x = torch.rand(4, *shape)
+    torch.testing.assert_close(student.eval()(x), teacher.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_net_of_another_layout_copies_what_fits_and_reinitialises_the_rest():
     torch.manual_seed(0)
     teacher = build_model("lenet", MNIST, 10)
-    student = build_model("lenet", MNIST, 10, width=0.6)
+    student = nn.Sequential(*build_model("lenet", MNIST, 10, width=0.6), nn.Identity())  # not the teacher's layout
     reset = init_student_from_teacher(student, teacher)
     # conv1, conv2 and ip1 have fewer units, ip2 fewer inputs; ip2's bias (10 classes) keeps its shape
     assert {"0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias", "8.weight"} == set(reset)

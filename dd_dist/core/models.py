@@ -321,7 +321,12 @@ def check_fits(spec: dict, split, what: str) -> None:
 
 
 def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[str]:
-    """Ω ← Θ*: copy every tensor whose shape matches; resized layers get N(0, 0.01²) weights, zero biases."""
+    """Ω ← Θ*. A student of the teacher's flat layout (a built-in net, at any distill.width) copies it, a
+    narrower one keeping the teacher's strongest units (prune_into). Otherwise every tensor whose shape
+    matches is copied, and the others get N(0, 0.01²) weights and zero biases; returns their names."""
+    if _same_layout(student, teacher):
+        prune_into(student, teacher)
+        return []
     source, reset = teacher.state_dict(), []
     with torch.no_grad():
         for name, param in student.state_dict().items():
@@ -331,3 +336,33 @@ def init_student_from_teacher(student: nn.Module, teacher: nn.Module) -> list[st
                 param.normal_(0, 0.01) if name.endswith("weight") else param.zero_()
                 reset.append(name)
     return reset
+
+
+def _same_layout(student: nn.Module, teacher: nn.Module) -> bool:
+    """Both flat nets of the same layers, each weight layer at most as wide in the student."""
+    if not (isinstance(student, nn.Sequential) and isinstance(teacher, nn.Sequential) and len(student) == len(teacher)):
+        return False
+    return all(type(s) is type(t) and (not hasattr(t, "weight") or (s.weight.shape[0] <= t.weight.shape[0]
+                                                                      and s.weight.ndim == t.weight.ndim))
+               for s, t in zip(student, teacher))
+
+
+def prune_into(student: nn.Sequential, teacher: nn.Sequential) -> None:
+    """A structured prune: each Conv2d / Linear of the student takes the teacher's units (filters, rows) of
+    the largest L2 norm, as many as it has, in the teacher's order, restricted to the inputs from the units
+    the layer before kept (after a Flatten, each kept channel's block of positions). The last layer keeps
+    all its classes; everything between weight layers (ReLU, pooling, dropout) acts per unit."""
+    kept, units = None, 0  # the previous weight layer's kept units, and how many the teacher's had
+    with torch.no_grad():
+        for s, t in zip(student, teacher):
+            if not isinstance(t, (nn.Conv2d, nn.Linear)):
+                continue
+            weight = t.weight
+            if kept is not None:
+                positions = weight.shape[1] // units
+                weight = weight[:, (kept[:, None] * positions + torch.arange(positions)).flatten()]
+            strongest = t.weight.flatten(1).norm(dim=1).topk(s.weight.shape[0]).indices.sort().values
+            s.weight.copy_(weight[strongest])
+            if s.bias is not None:
+                s.bias.copy_(t.bias[strongest])
+            kept, units = strongest, t.weight.shape[0]
