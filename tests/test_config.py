@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((REPO / "configs").glob("*.yaml"))
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
     assert len(configs) >= 3
     for path in configs:
         load_config(path)
