@@ -44,7 +44,7 @@ fashion-mnist:
 	bash launch/fetch_fashion_mnist.sh data/fashion-mnist
 
 # Each reproduction row's teacher schedule chosen on the validation split (lr x step x epochs, seed 0, the plain
-# loop), accumulated into benchmarks/results/schedule_search.md; about 30-40 min a row on 2 cores.
+# loop), accumulated into benchmarks/results/schedule_search.md; 15-50 min a row on 2 cores.
 SEARCH_ROWS ?= mnist-lenet,mnist-lenet_all,mnist-mlp
 schedule-search: setup
 	$(BIN)/python -m benchmarks.schedule_search --rows $(SEARCH_ROWS)

@@ -215,6 +215,15 @@ def merge(path: Path, unit: dict, quick: bool) -> dict:
     return report
 
 
+def parse_rows(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated --rows, each a key of ROWS (else the parser's one-line error)."""
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="mnist-lenet,mnist-lenet_all", help=f"comma-separated, of: {', '.join(ROWS)}")
@@ -222,10 +231,7 @@ def main() -> None:
     parser.add_argument("--budget-h", type=float, default=2.5, help="start no unit that would end after this")
     parser.add_argument("--quick", action="store_true", help="5k images, short schedules, K=20 (minutes)")
     args = parser.parse_args()
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    rows = parse_rows(parser, args.rows)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     path = RESULTS / ("reproduce_quick.json" if args.quick else "reproduce.json")
     began, last = time.perf_counter(), 0.0

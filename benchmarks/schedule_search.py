@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.reproduce import REPO, RESULTS, ROWS
+from benchmarks.reproduce import REPO, RESULTS, ROWS, parse_rows
 from dd_dist.config import load_config
 from dd_dist.core.augment import row_rng_seed
 from dd_dist.core.loop import epoch_batches, make_optimizer
@@ -140,10 +140,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=PATH, help="the JSON report (and its .md) to merge into")
     parser.add_argument("overrides", nargs="*", help="config overrides for every row (e.g. data.train_rows=2000)")
     args = parser.parse_args()
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    rows = parse_rows(parser, args.rows)
     lrs, steps = [float(v) for v in args.lrs.split(",")], sorted(int(v) for v in args.steps.split(","))
     for row in rows:
         merge(args.report, search_row(row, lrs, steps, args.tail, args.overrides))
