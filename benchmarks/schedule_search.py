@@ -27,13 +27,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.reproduce import REPO, RESULTS, ROWS, parse_rows
 from dd_dist.config import load_config
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.loop import epoch_batches, make_optimizer
+from dd_dist.core.loop import make_optimizer, train_epoch
 from dd_dist.core.tasks import TeacherTask, teacher_batches
 from dd_dist.data.splits import Split, run_split
 from dd_dist.files import atomic_write, write_json
@@ -63,13 +62,8 @@ def search_row(row: str, lrs: list[float], steps: list[int], tail: int, override
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(row_rng_seed(seed, epoch))  # the dropout masks of this epoch, in every branch alike
-        model.train()
-        for ids in epoch_batches(np.arange(len(train)), cfg.teacher.batch_size, seed, epoch):
-            inputs, labels = batches(ids, epoch, 0)
-            loss = TeacherTask.loss(model, inputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        TeacherTask.train_mode(model, cfg.teacher)
+        train_epoch(model, optimizer, len(train), batches, TeacherTask, cfg.teacher.batch_size, seed, epoch, 0)
 
     for lr in lrs:
         opt = cfg.teacher.model_copy(update={"lr": lr})

@@ -43,6 +43,21 @@ def print_epoch(m: dict) -> None:
           f"{m['samples_per_s']:.0f} samples/s", flush=True)
 
 
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, n_rows: int, batch_fn: BatchFn, task: Task,
+                batch_size: int, seed: int, epoch: int, step: int) -> tuple[float, int, int]:
+    """One epoch of SGD steps over the rows in (seed, epoch) order, the model already in its train mode;
+    returns (summed loss, rows seen, the step count after it)."""
+    total, seen = 0.0, 0
+    for ids in epoch_batches(np.arange(n_rows), batch_size, seed, epoch):
+        inputs, targets = batch_fn(ids, epoch, step)
+        loss = task.loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, seen, step = total + loss.item() * len(ids), seen + len(ids), step + 1
+    return total, seen, step
+
+
 def fit(model: torch.nn.Module, cfg: TrainConfig, n_rows: int, batch_fn: BatchFn, task: Task, seed: int,
         log: Callable[[dict], None] = print_epoch) -> list[float]:
     """The plain single-process reference loop; returns the mean loss of each epoch."""
@@ -53,14 +68,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, n_rows: int, batch_fn: BatchFn
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
         task.train_mode(model, cfg)
-        total, seen, start = 0.0, 0, time.perf_counter()
-        for ids in epoch_batches(np.arange(n_rows), cfg.batch_size, seed, epoch):
-            inputs, targets = batch_fn(ids, epoch, step)
-            loss = task.loss(model, inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, seen, step = total + loss.item() * len(ids), seen + len(ids), step + 1
+        start = time.perf_counter()
+        total, seen, step = train_epoch(model, optimizer, n_rows, batch_fn, task, cfg.batch_size, seed, epoch, step)
         losses.append(total / seen)
         log({"stage": task.role, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": losses[-1], "lr": lr_at(cfg, epoch),
              "samples_per_s": seen / (time.perf_counter() - start)})
