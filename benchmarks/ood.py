@@ -1,10 +1,12 @@
 """Out-of-distribution detection with one-pass uncertainty: `make bench-ood`.
 
-    .venv/bin/python -m benchmarks.ood [--seeds 0,1,2] [--archs lenet] [--config configs/demo.yaml] [--k 100]
+    .venv/bin/python -m benchmarks.ood [--rows mnist-lenet,mnist-lenet_all] [--seeds 0,1,2] [--k 100] [overrides]
 
-For each (arch, seed): a teacher trained on MNIST, its MC labels with each row's mutual information
-(K masks, computed in this process), and a student with an uncertainty head distilled on them
-(distill.uncertainty). Then the MNIST test images (in distribution) against the Fashion-MNIST test
+For each (row, seed), on that reproduction row's config (configs/reproduce/, teacher schedules chosen on
+the validation split): the teacher of `make reproduce`'s run of that row and seed when it is there
+(runs/reproduce/ROW-seedS, trained by the pipeline on this schedule), else one trained here; its MC labels
+with each row's mutual information (K masks, computed in this process), and a student with an
+uncertainty head distilled on them (distill.uncertainty). Then the MNIST test images (in distribution) against the Fashion-MNIST test
 images (out of distribution; `make fashion-mnist` fetches them) and against the pixel-inverted MNIST
 test images, each scored by:
 
@@ -14,14 +16,14 @@ test images, each scored by:
 
 AUROC of telling out from in (0.5: no better than chance), the cost per image of each method measured
 side by side on the same images, and the spread over seeds. Writes benchmarks/results/ood.{json,md}
-and ood.png. The schedule is the config's (default: the demo's, minutes per seed on 2 cores), stated in
-the report: not the reproduction configs' longer ones.
+and ood.png. The student's schedule is the config's unless overridden (`make bench-ood` shortens it).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,6 +35,7 @@ import torch
 from scipy.stats import rankdata
 
 from benchmarks.report import RESULTS, machine, write_report
+from benchmarks.reproduce import REPO, ROWS, kept_teacher_seconds, parse_rows
 from dd_dist.config import load_config
 from dd_dist.data.sources import FASHION_MNIST_DIR
 from dd_dist.data.splits import load_split
@@ -50,6 +53,7 @@ SCORES = {  # method -> its scores, higher = more likely out of distribution
     "distilled": ("entropy", "uncertainty head"),
 }
 BATCH = 500
+MNIST_ROWS = [row for row, (_, overrides, _) in ROWS.items() if row.startswith("mnist-") and not overrides]
 SEED_SALT = 0x00D  # masks of this benchmark, not the label stage's
 
 
@@ -86,19 +90,40 @@ def scores_of(teacher, student, x: torch.Tensor, k: int, seed: int) -> tuple[dic
     return {key: torch.cat(v).double().numpy() for key, v in out.items()}, seconds
 
 
-def one_seed(config: str, overrides: list[str], arch: str, seed: int, k: int, inside: torch.Tensor,
+def row_config(row: str, seed: int, run_dir: Path | str, overrides: list[str]):
+    config, row_overrides, _ = ROWS[row]
+    return load_config(REPO / config, [*row_overrides, f"seed={seed}", f"run_dir={run_dir}", *overrides])
+
+
+def teacher_of(row: str, seed: int, cfg, overrides: list[str]) -> tuple[float, str]:
+    """Put the teacher in cfg's run_dir: `make reproduce`'s of this row and seed when it was trained on this
+    schedule (copied), else one trained here. Returns its training seconds and where it came from."""
+    kept = row_config(row, seed, REPO / "runs" / "reproduce" / f"{row}-seed{seed}", overrides)
+    seconds = kept_teacher_seconds(kept)
+    if seconds is not None:
+        shutil.copytree(RunDir(kept).teacher.parent, RunDir(cfg).teacher.parent)
+        return seconds, str(RunDir(kept).teacher.relative_to(REPO))
+    began = time.perf_counter()
+    train_teacher(cfg)
+    return time.perf_counter() - began, "trained here (plain loop)"
+
+
+def one_seed(row: str, overrides: list[str], seed: int, k: int, inside: torch.Tensor,
              labels: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config, [f"run_dir={tmp}/run", f"seed={seed}", f"model.arch={arch}", f"label.k={k}",
-                                   "distill.uncertainty=true", f"tracking.uri=sqlite:///{tmp}/mlruns.db", *overrides])
-        began = time.perf_counter()
+        cfg = row_config(row, seed, f"{tmp}/run", [f"label.k={k}", "distill.uncertainty=true",
+                                                    f"tracking.uri=sqlite:///{tmp}/mlruns.db", *overrides])
         with contextlib.redirect_stdout(io.StringIO()):  # the epoch lines of two trainings
-            train_teacher(cfg)
+            teacher_s, teacher_from = teacher_of(row, seed, cfg, overrides)
+            began = time.perf_counter()
             train_student(cfg)  # in-memory MC labels with the mutual information
-        trained_s = time.perf_counter() - began
+            student_s = time.perf_counter() - began
         teacher, student = load_model(RunDir(cfg).teacher)[0], load_model(RunDir(cfg).student)[0]
     scores_in, seconds = scores_of(teacher, student, inside, k, seed ^ SEED_SALT)
-    result = {"arch": arch, "seed": seed, "train_seconds": trained_s,
+    result = {"row": row, "arch": cfg.model.arch, "seed": seed, "teacher_seconds": teacher_s,
+              "teacher_from": teacher_from, "student_seconds": student_s,
+              "schedule": f"teacher {cfg.teacher.epochs} epochs at lr {cfg.teacher.lr} (steps {cfg.teacher.lr_steps}), "
+                          f"student {cfg.distill.epochs} epochs at lr {cfg.distill.lr} (steps {cfg.distill.lr_steps})",
               "ms_per_image": {m: 1000 * s / len(inside) for m, s in seconds.items()}, "auroc": {}}
     for pair, outside in pairs.items():
         scores_out, _ = scores_of(teacher, student, outside, k, seed ^ SEED_SALT)
@@ -109,17 +134,17 @@ def one_seed(config: str, overrides: list[str], arch: str, seed: int, k: int, in
 
 
 def summary(runs: list[dict]) -> dict:
-    """Per (arch, pair, score): mean and std over seeds; and the goal's comparison, per (arch, pair)."""
+    """Per (row, pair, score): mean and std over seeds; and the goal's comparison, per (row, pair)."""
     out = {}
-    for arch in sorted({r["arch"] for r in runs}):
-        mine = [r for r in runs if r["arch"] == arch]
+    for row in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == row]
         for pair in mine[0]["auroc"]:
             values = {key: [r["auroc"][pair][key] for r in mine] for key in mine[0]["auroc"][pair]}
             stats = {key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                      for key, v in values.items()}
             best_student = max(("distilled/entropy", "distilled/uncertainty head"), key=lambda s: stats[s]["mean"])
             best_mc = max(("mc/entropy", "mc/mutual information"), key=lambda s: stats[s]["mean"])
-            out[f"{arch} / {pair}"] = {
+            out[f"{row} / {pair}"] = {
                 "scores": stats, "seeds": [r["seed"] for r in mine], "best_student": best_student, "best_mc": best_mc,
                 "student_minus_mc": stats[best_student]["mean"] - stats[best_mc]["mean"],
                 "student_minus_max_softmax": stats[best_student]["mean"] - stats["standard/max-softmax"]["mean"],
@@ -132,10 +157,14 @@ def summary(runs: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     k = report["k"]
     lines = ["# Out-of-distribution detection: one-pass uncertainty against MC dropout", "",
-             f"`{report['command']}` on {report['machine']}. Trained on MNIST ({report['schedule']}); in "
+             f"`{report['command']}` on {report['machine']}. Trained on MNIST's training split; in "
              f"distribution: the {report['images']} MNIST test images; out: Fashion-MNIST's test images, and "
              f"the MNIST test images pixel-inverted. AUROC of telling out from in, mean ± std over seeds "
-             f"{report['seeds']}; MC with K={k}.", ""]
+             f"{report['seeds']}; MC with K={k}.", "", "| row | seed | schedule | teacher | test error standard / "
+             "distilled % |", "|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['seed']} | {r['schedule']} | {r['teacher_from']} | "
+              f"{100 * r['error']['standard']:.2f} / {100 * r['error']['distilled']:.2f} |" for r in report["runs"]]
+    lines.append("")
     for name, s in report["summary"].items():
         lines += [f"## {name}", "", "| score | passes | AUROC |", "|---|---|---|"]
         for key, v in s["scores"].items():
@@ -145,12 +174,12 @@ def markdown(report: dict) -> str:
                       f"({s['best_mc']}), {s['student_minus_max_softmax']:+.4f} against the standard net's max-softmax. "
                       f"Goal (within 0.003 of MC's best and above max-softmax): "
                       f"{'met' if s['within_0.003_of_mc'] and s['above_max_softmax'] else 'not met'}.", ""]
-    lines += ["## Cost per image (ms, batch 500, mean over seeds)", "", "| arch | standard | MC | distilled |",
+    lines += ["## Cost per image (ms, batch 500, mean over seeds)", "", "| row | standard | MC | distilled |",
               "|---|---|---|---|"]
-    for arch in sorted({r["arch"] for r in report["runs"]}):
-        mine = [r for r in report["runs"] if r["arch"] == arch]
+    for row in dict.fromkeys(r["row"] for r in report["runs"]):
+        mine = [r for r in report["runs"] if r["row"] == row]
         cost = {m: statistics.fmean(r["ms_per_image"][m] for r in mine) for m in SCORES}
-        lines.append(f"| {arch} | {cost['standard']:.4f} | {cost['mc']:.4f} | {cost['distilled']:.4f} |")
+        lines.append(f"| {row} | {cost['standard']:.4f} | {cost['mc']:.4f} | {cost['distilled']:.4f} |")
     lines += ["", "![AUROC per score](ood.png)", ""]
     return "\n".join(lines)
 
@@ -174,29 +203,29 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="mnist-lenet,mnist-lenet_all",
+                        help=f"comma-separated reproduction rows trained on MNIST, of: {', '.join(MNIST_ROWS)}")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--archs", default="lenet")
-    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="on top of --config")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="on top of each row's config")
     args = parser.parse_args()
+    rows = parse_rows(parser, args.rows)
+    if other := [row for row in rows if row not in MNIST_ROWS]:
+        parser.error(f"--rows: {', '.join(other)} not trained on MNIST; of: {', '.join(MNIST_ROWS)}")
     mnist = load_split("mnist", "test")
     inside, labels = torch.from_numpy(mnist.x), torch.from_numpy(mnist.y)
     pairs = {"fashion-mnist": torch.from_numpy(load_split("fashion-mnist", "test", FASHION_MNIST_DIR).x),
              "inverted mnist": 1 - inside}
     runs = []
-    for arch in args.archs.split(","):
+    for row in rows:
         for seed in (int(s) for s in args.seeds.split(",")):
-            runs.append(one_seed(args.config, args.overrides, arch, seed, args.k, inside, labels, pairs))
-            print(f"{arch} seed {seed}: " + ", ".join(f"{pair} {max(a.values()):.4f}" for pair, a in runs[-1]["auroc"].items()),
+            runs.append(one_seed(row, args.overrides, seed, args.k, inside, labels, pairs))
+            print(f"{row} seed {seed}: " + ", ".join(f"{pair} {max(a.values()):.4f}" for pair, a in runs[-1]["auroc"].items()),
                   flush=True)
-    cfg = load_config(args.config, args.overrides)
-    report = {"command": f"python -m benchmarks.ood --seeds {args.seeds} --archs {args.archs} --config {args.config} "
-                         f"--k {args.k} {' '.join(args.overrides)}".strip(),
-              **machine(), "k": args.k, "seeds": args.seeds, "images": len(inside),
-              "schedule": f"{args.config}: {cfg.data.train_rows or 'all'} training images, teacher {cfg.teacher.epochs} "
-                          f"epochs at lr {cfg.teacher.lr}, student {cfg.distill.epochs} epochs at lr {cfg.distill.lr}",
-              "runs": runs, "summary": summary(runs)}
+    report = {"command": f"python -m benchmarks.ood --rows {args.rows} --seeds {args.seeds} --k {args.k} "
+                         f"{' '.join(args.overrides)}".strip(),
+              **machine(), "k": args.k, "seeds": args.seeds, "images": len(inside), "runs": runs,
+              "summary": summary(runs)}
     plot(report, RESULTS / "ood.png")
     print(write_report("ood", report, markdown(report)))
 

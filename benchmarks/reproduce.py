@@ -22,9 +22,12 @@ import time
 from pathlib import Path
 
 from dd_dist.config import load_config
+from dd_dist.core.loop import lr_at
+from dd_dist.core.models import read_checkpoint
 from dd_dist.data.sources import FASHION_MNIST_DIR
 from dd_dist.files import atomic_write, write_json
 from dd_dist.layout import RunDir
+from dd_dist.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -58,8 +61,6 @@ QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "tea
 
 
 def run_unit(row: str, seed: int, quick: bool) -> dict:
-    from dd_dist.pipeline import run_pipeline
-
     config, overrides, _ = ROWS[row]
     runs = REPO / "runs" / ("reproduce-quick" if quick else "reproduce")
     run_dir = runs / f"{row}-seed{seed}"
@@ -95,10 +96,6 @@ def kept_teacher_seconds(cfg) -> float | None:
     """A rerun (after a crash in a later stage, or for a new student) keeps the finished teacher of run_dir:
     its seconds (from its history), when it is there and was trained on this config's architecture and
     schedule; else None."""
-    from dd_dist.core.models import read_checkpoint
-    from dd_dist.layout import RunDir
-    from dd_dist.core.loop import lr_at
-
     model, history = RunDir(cfg).teacher, RunDir(cfg).teacher.with_name("history.json")
     if not (model.is_file() and history.is_file()):
         return None
