@@ -5,15 +5,17 @@ import numpy as np
 import torch
 
 _M64 = 0xFFFFFFFFFFFFFFFF
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
+# splitmix64's constants (core/masks.py draws its own streams with them too)
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15  # the increment (2^64 / golden ratio)
+SPLITMIX_MUL1, SPLITMIX_MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # the finaliser's multipliers
 
 
 def row_rng_seed(*parts: int) -> int:
     """Mix integers into one 63-bit seed (splitmix64 steps), so nearby rows get unrelated streams."""
-    h = _GAMMA
+    h = SPLITMIX_GAMMA
     for part in parts:
-        h = (h ^ (int(part) & _M64)) * 0xBF58476D1CE4E5B9 & _M64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _M64
+        h = (h ^ (int(part) & _M64)) * SPLITMIX_MUL1 & _M64
+        h = (h ^ (h >> 31)) * SPLITMIX_MUL2 & _M64
         h ^= h >> 29
     return h & 0x7FFFFFFFFFFFFFFF
 
@@ -24,9 +26,9 @@ def _splitmix_streams(seeds: np.ndarray, count: int) -> np.ndarray:
     A counter-based generator: output k of a row depends only on that row's seed and k, so a
     whole batch is drawn with a few vectorised operations (uint64 arithmetic wraps mod 2^64).
     """
-    z = seeds.astype(np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = seeds.astype(np.uint64)[:, None] + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_MUL1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_MUL2)
     return z ^ (z >> np.uint64(31))
 
 

@@ -19,11 +19,9 @@ import functools
 
 import torch
 
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.augment import SPLITMIX_GAMMA, SPLITMIX_MUL1, SPLITMIX_MUL2, row_rng_seed
 
 PLANES = 16  # bits of precision of p
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
-_MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def _signed(value: int) -> int:
@@ -40,17 +38,17 @@ def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
 def _mix(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser, in place on an int64 tensor."""
     z ^= _shr(z, 30)
-    z *= _signed(_MUL1)
+    z *= _signed(SPLITMIX_MUL1)
     z ^= _shr(z, 27)
-    z *= _signed(_MUL2)
+    z *= _signed(SPLITMIX_MUL2)
     z ^= _shr(z, 31)
     return z
 
 
 def words(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
     """(rows, count) int64: outputs 1..count of the splitmix64 stream of each row in `stream`."""
-    start = _mix(row_ids.to(torch.int64) * _signed(_GAMMA) + _signed(stream))  # a stream per row
-    counter = torch.arange(1, count + 1, dtype=torch.int64, device=row_ids.device) * _signed(_GAMMA)
+    start = _mix(row_ids.to(torch.int64) * _signed(SPLITMIX_GAMMA) + _signed(stream))  # a stream per row
+    counter = torch.arange(1, count + 1, dtype=torch.int64, device=row_ids.device) * _signed(SPLITMIX_GAMMA)
     return _mix(start[:, None] + counter)
 
 
