@@ -160,7 +160,7 @@ def markdown(report: dict) -> str:
              f"`{report['command']}` on {report['machine']}. Trained on MNIST's training split; in "
              f"distribution: the {report['images']} MNIST test images; out: Fashion-MNIST's test images, and "
              f"the MNIST test images pixel-inverted. AUROC of telling out from in, mean ± std over seeds "
-             f"{report['seeds']}; MC with K={k}.", "", "| row | seed | schedule | teacher | test error standard / "
+             f"{report['seeds']}; MC with K={k}. Units (row, seed) done: {report['units_done']}.", "", "| row | seed | schedule | teacher | test error standard / "
              "distilled % |", "|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['seed']} | {r['schedule']} | {r['teacher_from']} | "
               f"{100 * r['error']['standard']:.2f} / {100 * r['error']['distilled']:.2f} |" for r in report["runs"]]
@@ -216,19 +216,20 @@ def main() -> None:
     inside, labels = torch.from_numpy(mnist.x), torch.from_numpy(mnist.y)
     pairs = {"fashion-mnist": torch.from_numpy(load_split("fashion-mnist", "test", FASHION_MNIST_DIR).x),
              "inverted mnist": 1 - inside}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    command = f"python -m benchmarks.ood --rows {args.rows} --seeds {args.seeds} --k {args.k} {' '.join(args.overrides)}"
     runs = []
     for row in rows:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds:
             runs.append(one_seed(row, args.overrides, seed, args.k, inside, labels, pairs))
             print(f"{row} seed {seed}: " + ", ".join(f"{pair} {max(a.values()):.4f}" for pair, a in runs[-1]["auroc"].items()),
                   flush=True)
-    report = {"command": f"python -m benchmarks.ood --rows {args.rows} --seeds {args.seeds} --k {args.k} "
-                         f"{' '.join(args.overrides)}".strip(),
-              **machine(), "k": args.k, "seeds": args.seeds, "images": len(inside), "runs": runs,
-              "summary": summary(runs)}
-    plot(report, RESULTS / "ood.png")
-    print(write_report("ood", report, markdown(report)))
-
+            # written after every (row, seed), so that a crash loses only the unit it was running
+            report = {"command": command.strip(), **machine(), "k": args.k, "seeds": args.seeds, "images": len(inside),
+                      "units_done": f"{len(runs)} of {len(rows) * len(seeds)}", "runs": runs, "summary": summary(runs)}
+            plot(report, RESULTS / "ood.png")
+            path = write_report("ood", report, markdown(report))
+    print(path)
 
 if __name__ == "__main__":
     main()
