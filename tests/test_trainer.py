@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 
 from dd_dist.config import load_config
 from dd_dist.data.splits import run_split
+from dd_dist.core.heads import FORM
 from dd_dist.core.mc import soft_target_kl, standard_probs
 from dd_dist.core.models import load_model
 from dd_dist.errors import UserError
@@ -290,7 +291,7 @@ def test_a_student_with_an_uncertainty_head_trains_on_deepspeed(labels, run_dir)
                  "distill.lr=0.01", "distill.lr_steps=[8]")
     path, history = train(cfg, StudentTask)
     model, spec = load_model(path)  # the export records the head and loads with weights_only=True
-    assert spec["uncertainty_head"] == {"hidden": 32} and history[-1]["loss"] < history[0]["loss"]
+    assert spec["uncertainty_head"] == {"hidden": 32, "form": FORM} and history[-1]["loss"] < history[0]["loss"]
     inputs, _ = augmented_inputs_and_labels(cfg, labels)
     stored = pq.read_table(labels / "train").sort_by("id").column("mutual_info").to_numpy()
     with torch.no_grad():

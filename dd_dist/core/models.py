@@ -133,7 +133,7 @@ def model_spec(arch: str, in_shape, num_classes: int, p: float, width: float = 1
 
 def build_model(arch: str, in_shape, num_classes: int, p: float = 0.5, width: float = 1.0,
                 kwargs: dict | None = None, uncertainty_head: dict | None = None) -> nn.Module:
-    """The net of a spec; with uncertainty_head ({"hidden": units}) wrapped in an UncertaintyStudent."""
+    """The net of a spec; with uncertainty_head ({"hidden": units, "form": heads.FORM}) wrapped in an UncertaintyStudent."""
     net = _build_net(arch, in_shape, num_classes, p, width, kwargs)
     if not uncertainty_head:
         return net

@@ -25,7 +25,7 @@ from torch import nn
 
 from dd_dist.config import Config, DistillConfig, TrainConfig
 from dd_dist.core.augment import augment
-from dd_dist.core.heads import HIDDEN, UncertaintyStudent, uncertainty_loss
+from dd_dist.core.heads import FORM, HIDDEN, UncertaintyStudent, uncertainty_loss
 from dd_dist.core.mc import dropout_layers, online_targets, soft_target_kl
 from dd_dist.core.models import build_model, check_for_mc, init_student_from_teacher, load_model, model_spec
 from dd_dist.data.splits import Split
@@ -65,7 +65,7 @@ def build_student(cfg: Config, split: Split) -> tuple[nn.Module, dict]:
     at distill.width either way; wrapped in an UncertaintyStudent with distill.uncertainty."""
     d = cfg.distill
     arch, kwargs = (cfg.model.arch, cfg.model.kwargs) if d.arch is None else (d.arch, d.kwargs)
-    head = {"hidden": HIDDEN} if d.uncertainty else None
+    head = {"hidden": HIDDEN, "form": FORM} if d.uncertainty else None
     spec = model_spec(arch, split.in_shape, split.num_classes, cfg.model.p, d.width, kwargs, head)
     return build_model(**spec), spec
 
