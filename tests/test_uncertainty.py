@@ -101,7 +101,7 @@ def test_a_head_checkpoint_records_the_head_and_loads_with_weights_only(tmp_path
         assert torch.equal(mi, model(x, uncertainty=True)[1])
 
 
-def test_a_head_from_before_the_entropy_term_is_refused_in_one_line(tmp_path, capsys):
+def test_a_head_from_before_the_entropy_term_is_refused_in_one_line(tmp_path):
     spec = model_spec("mlp", (1, 28, 28), 10, 0.5, 0.5, uncertainty_head={"hidden": 8, "form": FORM})
     save_model(tmp_path / "model.pt", build_model(**spec), {**spec, "uncertainty_head": {"hidden": 8}})
     with pytest.raises(UserError) as caught:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_dist.core.mc import entropy, softmax
+
 HIDDEN = 32
 FLOOR = 1e-3  # nats: stored mutual information below this counts as "confident" alike in the log loss
 FORM = "entropy-residual"  # recorded in the checkpoint: what the head's output means
@@ -66,11 +68,9 @@ class UncertaintyStudent(nn.Module):
         finally:
             hook.remove()
         features = seen[-1].detach().flatten(1)
-        log_q = F.log_softmax(logits.detach().float(), 1)  # the entropy in float32 even under bf16
-        q = log_q.exp()
-        own_entropy = -(q * log_q).sum(1)
+        q = softmax(logits.detach())  # float32 even under bf16, as MC's probabilities
         correction = self.head(torch.cat([features, q.to(features.dtype)], 1)).squeeze(1).float()
-        return logits, (correction + (own_entropy + FLOOR).log()).exp()
+        return logits, (correction + (entropy(q) + FLOOR).log()).exp()
 
 
 def uncertainty_loss(predicted_mi: torch.Tensor, mutual_info: torch.Tensor) -> torch.Tensor:
