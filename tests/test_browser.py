@@ -46,7 +46,7 @@ def served_pipeline(tmp_path_factory):
     try:
         mlflow_server.wait_until_serving(server)
         url = server["url"]
-        assert main(["pipeline", "data.name=mnist", "data.train_rows=5000", "data.test_rows=1000", "model.arch=mlp",
+        assert main(["pipeline", "data.name=mnist", "data.train_rows=2000", "data.test_rows=500", "model.arch=mlp",
                      "teacher.epochs=3", "teacher.lr=0.05", "teacher.lr_steps=[2]", "distill.epochs=2",
                      "distill.lr=0.005", "distill.lr_steps=[1]",
                      "label.k=8", "label.actors=1", "eval.ks=[1,8]", "eval.repeats=2", "cluster.num_cpus=4",

@@ -126,7 +126,8 @@ def test_a_bad_image_stops_the_cli_before_any_output(folder, tmp_path, capsys):
 @pytest.mark.timeout(900)
 def test_the_example_config_runs_the_pipeline_on_an_image_folder(tmp_path):
     """configs/imagefolder_example.yaml as a user starts from it: variable-size RGB files resized to 64x64,
-    the nested CNN of examples/nets.py, offline distillation; verify replays the labels from the files."""
+    the nested CNN of examples/nets.py (a model.arch factory: residual blocks, Dropout2d inside them) through
+    every stage on Ray, offline distillation; verify replays the labels from the files."""
     folder = write_image_folder(tmp_path / "images", {"train": 24, "val": 4, "test": 8})
     run = tmp_path / "run"
     overrides = [f"data.path={folder}", f"data.cache_dir={tmp_path}/cache", f"run_dir={run}",
@@ -138,7 +139,9 @@ def test_the_example_config_runs_the_pipeline_on_an_image_folder(tmp_path):
     manifest = json.loads((run / "labels" / "manifest.json").read_text())
     assert manifest["data"]["name"] == "imagefolder" and manifest["rows"] == 72 and len(manifest["shards"]) == 3
     assert manifest["data"]["transform"]["resize"] == [64, 64] and manifest["data"]["skipped"] == 0
-    assert manifest["teacher"]["spec"]["in_shape"] == [3, 64, 64]
+    spec = manifest["teacher"]["spec"]  # the factory, imported by the DeepSpeed workers and the label actors
+    assert (spec["arch"], spec["kwargs"], spec["in_shape"]) == ("examples.nets:small_cnn", {"channels": 4, "hidden": 16},
+                                                                [3, 64, 64])
     history = json.loads((run / "teacher" / "history.json").read_text())["epochs"]
     assert history[-1]["loss"] < history[0]["loss"]
     results = json.loads((run / "eval" / "results.json").read_text())

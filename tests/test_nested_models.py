@@ -2,7 +2,6 @@
 (nested, in a residual block), against exact enumeration; the same masks as the flat fast path; and the
 factories of `model.arch=package.module:factory`, refused in one line where MC could not be right."""
 import itertools
-import json
 
 import pytest
 import torch
@@ -182,25 +181,3 @@ def test_the_cli_refuses_an_unimportable_factory_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err
     assert "cannot import no_such_module" in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_the_pipeline_runs_a_nested_factory_net_on_ray(tmp_path):
-    """examples.nets:small_cnn (residual blocks, Dropout2d inside them) through every stage: DeepSpeed workers
-    and label actors import it from the working directory, verify replays its labels, evaluate scores it."""
-    run = tmp_path / "run"
-    overrides = ["data.name=synthetic", "model.arch=examples.nets:small_cnn", "model.kwargs={channels: 4, hidden: 16}",
-                 "teacher.epochs=3", "teacher.lr=0.1", "teacher.lr_steps=[2]", "teacher.batch_size=32",
-                 "distill.epochs=2", "distill.lr_steps=[1]", "distill.batch_size=32", "label.k=8",
-                 "label.rows_per_shard=256", "label.actors=1", "eval.ks=[4]", "eval.repeats=1", "cluster.num_cpus=4",
-                 f"run_dir={run}", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"]
-    assert main(["pipeline", *overrides]) == 0
-    manifest = json.loads((run / "labels" / "manifest.json").read_text())
-    assert manifest["teacher"]["spec"]["arch"] == "examples.nets:small_cnn"
-    assert manifest["teacher"]["spec"]["kwargs"] == {"channels": 4, "hidden": 16}
-    history = json.loads((run / "teacher" / "history.json").read_text())["epochs"]
-    assert history[-1]["loss"] < history[0]["loss"]
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert set(results["methods"]) == {"standard", "mc-4", "distilled"}
-    assert main(["verify", str(run / "labels"), "--teacher", str(run / "teacher" / "model.pt"), "--rows", "64"]) == 0
