@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test test-fast fashion-mnist mlflow-ui schedule-search reproduce reproduce-quick bench bench-ood bench-scale clean
+.PHONY: setup demo test test-fast fashion-mnist mlflow-ui schedule-search distill-search reproduce reproduce-quick bench bench-ood bench-scale clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,14 @@ fashion-mnist:
 SEARCH_ROWS ?= mnist-lenet,mnist-lenet_all,mnist-mlp
 schedule-search: setup
 	$(BIN)/python -m benchmarks.schedule_search --rows $(SEARCH_ROWS)
+
+# The student's weight decay (and lr scale) chosen on the validation split, from a finished `make reproduce`
+# unit's teacher and labels (ROWS=, SEEDS= one seed), into benchmarks/results/distill_search.md.
+WEIGHT_DECAYS ?= 0.0005,0
+LR_SCALES ?= 1
+distill-search: setup
+	$(BIN)/python -m benchmarks.distill_search --rows $(ROWS) --seed $(SEEDS) --weight-decays $(WEIGHT_DECAYS) \
+		--lr-scales $(LR_SCALES)
 
 # The paper's protocol through the pipeline, accumulated into benchmarks/results/reproduce.md:
 # run it again with other SEEDS= / ROWS= (see benchmarks/reproduce.py for the rows); at most 2.5 h a call.

@@ -1,8 +1,10 @@
 """What every benchmark report shares: where it ran, and writing its JSON + Markdown atomically."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,3 +28,12 @@ def write_report(name: str, report: dict, markdown: str) -> Path:
     path = RESULTS / f"{name}.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text(markdown))
     return path
+
+
+def merge_rows(path: Path, result: dict, markdown: Callable[[dict], str], key: Callable[[dict], tuple]) -> None:
+    """Add one finished result to the {"rows": [...]} report at `path`, replacing an earlier one of the same
+    key, sorted by key; rewrite its Markdown sibling. Invocations with other rows or seeds add to one report."""
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = sorted([r for r in rows if key(r) != key(result)] + [result], key=key)
+    write_json(path, {"rows": rows})
+    atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown({"rows": rows})))

@@ -15,27 +15,27 @@ net's validation error after each of its epochs: max(steps) + len(steps) * tail 
 per point. The pick is the lowest validation error (ties: fewer epochs). The test split is never read.
 
 The plain single-process loop (dd_dist.core.loop) trains here: the same steps as the DeepSpeed workers, in
-another batch order. Each finished row is merged at once into benchmarks/results/schedule_search.{json,md},
-so invocations with other --rows add to one report. Picks go, by hand and commented, to configs/reproduce/.
+another batch order. Each finished row is merged at once (replacing an earlier search of that row) into
+benchmarks/results/schedule_search.{json,md}, so invocations with other --rows add to one report. Picks go,
+by hand and commented, to configs/reproduce/.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import merge_rows
 from benchmarks.reproduce import REPO, RESULTS, ROWS, parse_rows
 from dd_dist.config import load_config
 from dd_dist.core.augment import row_rng_seed
 from dd_dist.core.loop import make_optimizer, train_epoch
 from dd_dist.core.tasks import TeacherTask, teacher_batches
 from dd_dist.data.splits import Split, run_split
-from dd_dist.files import atomic_write, write_json
 
 SEARCH_ROWS = ["mnist-lenet", "mnist-lenet_all", "mnist-mlp"]
 PATH = RESULTS / "schedule_search.json"
@@ -118,14 +118,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def merge(path: Path, result: dict) -> None:
-    """Add one finished row to the report at `path` (replacing an earlier search of that row)."""
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    rows = sorted([r for r in rows if r["row"] != result["row"]] + [result], key=lambda r: list(ROWS).index(r["row"]))
-    write_json(path, {"rows": rows})
-    atomic_write(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown({"rows": rows})))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(SEARCH_ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
@@ -138,7 +130,8 @@ def main() -> None:
     rows = parse_rows(parser, args.rows)
     lrs, steps = [float(v) for v in args.lrs.split(",")], sorted(int(v) for v in args.steps.split(","))
     for row in rows:
-        merge(args.report, search_row(row, lrs, steps, args.tail, args.overrides))
+        merge_rows(args.report, search_row(row, lrs, steps, args.tail, args.overrides), markdown,
+                   key=lambda r: (list(ROWS).index(r["row"]),))
     print(f"schedule-search: report in {args.report.with_suffix('.md')}")
 
 
