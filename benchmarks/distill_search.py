@@ -96,7 +96,7 @@ def markdown(report: dict) -> str:
              "loop from a `make reproduce` unit's teacher and stored MC labels, on the row's distillation schedule "
              "except for the weight decay and the lr (the config's times a scale, the steps unchanged). Validation "
              "error % of each student, beside its teacher's; the test split is never read.", "",
-             "| row | seed | teacher standard / MC | configured (wd, lr) | " + "grid: val error % at (wd, lr) | pick |",
+             "| row | seed | teacher standard / MC | configured (wd, lr) | grid: val error % at (wd, lr) | pick |",
              "|---|---:|---|---|---|---|"]
     for r in report["rows"]:
         mc = next(m for m in r["teacher_val"] if m.startswith("mc"))
