@@ -123,8 +123,11 @@ def main() -> None:
     rows = parse_rows(parser, args.rows)
     decays, scales = [float(v) for v in args.weight_decays.split(",")], [float(v) for v in args.lr_scales.split(",")]
     for row in rows:
-        merge_rows(args.report, search_row(row, args.seed, decays, scales, args.k, args.overrides), markdown,
-                   key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
+        try:
+            result = search_row(row, args.seed, decays, scales, args.k, args.overrides)
+        except UserError as error:  # a missing unit, or labels of other data: one line, exit 2
+            parser.exit(2, f"distill-search: {error}\n")
+        merge_rows(args.report, result, markdown, key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
     print(f"distill-search: report in {args.report.with_suffix('.md')}")
 
 
