@@ -88,7 +88,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "total_seconds": time.perf_counter() - began, "run_dir": str(run_dir.relative_to(REPO)),
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
             "labels_resumed": resumed,
-            "student_dropout": cfg.distill.dropout,
+            "student_dropout": cfg.distill.dropout, "student_weight_decay": cfg.distill.weight_decay,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -137,6 +137,8 @@ def summarise(units: list[dict]) -> list[dict]:
                      "reference": reference, "reference_source": ROWS[row][2][1],
                      # units from before distill.dropout existed trained their students with dropout on
                      "student_dropout": any(u.get("student_dropout", True) for u in mine),
+                     # units from before this was recorded distilled with the default 5e-4
+                     "student_weight_decays": sorted({u.get("student_weight_decay", 5e-4) for u in mine}),
                      "stage_seconds_mean": stage_seconds_mean(mine)})
     return rows
 
@@ -170,9 +172,9 @@ def markdown(report: dict) -> str:
              f"Test error %: mean ± std over seeds; MC = K-mask MC dropout averaged over its repeats. "
              f"Within ±{TARGET}: every mean of the row within {TARGET} points of its reference. Gap recovered: "
              f"where MC beats standard by more than the larger std (one seed: 0.05 points).", "",
-             "| row | seeds | standard | MC | distilled | reference std / MC / dist | within ±0.15 | gap recovered | "
-             "distilled ≤ standard (mean) | teacher / label / distill / eval s |",
-             "|---|---|---:|---:|---:|---|---|---:|---|---|"]
+             "| row | seeds | standard | MC | distilled | student wd | reference std / MC / dist | within ±0.15 | "
+             "gap recovered | distilled ≤ standard (mean) | teacher / label / distill / eval s |",
+             "|---|---|---:|---:|---:|---|---|---|---:|---|---|"]
     for s in report["summary"]:
         mc = s["methods"][1]
         gap = "n/a" if s["gap_recovered"] is None else f"{100 * s['gap_recovered']:.0f} %"
@@ -181,7 +183,8 @@ def markdown(report: dict) -> str:
         times = " / ".join(f"{t[f'{k}_seconds']:.0f}" if f"{k}_seconds" in t else "–"
                            for k in ("teacher", "label", "distill", "evaluate"))
         lines.append(f"| {s['row']} | {','.join(map(str, s['seeds']))} | {cell(s, 'standard')} | "
-                     f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')}{' †' * s['student_dropout']} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
+                     f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')}{' †' * s['student_dropout']} | "
+                     f"{' and '.join(f'{w:g}' for w in s['student_weight_decays'])} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
                      f"({s['reference_source']}) | {within} | {gap} | {'yes' if s['distilled_le_standard_on_mean'] else 'NO'} "
                      f"| {times} |")
     if any(s["student_dropout"] for s in report["summary"]):
