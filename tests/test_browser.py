@@ -1,7 +1,7 @@
 """The MLflow UI as a user sees it after a pipeline, in headless Chromium (Debian's package, driven by
 Playwright): the experiment opens on its training runs, the evaluate run unfolds into one run per method
-with its error, and those runs compare side by side. The screenshots go to docs/demo/ (the README shows
-them), or to $DD_DIST_SCREENSHOTS."""
+with its error, and those runs compare side by side. The screenshots go to $DD_DIST_SCREENSHOTS where it is
+set (DD_DIST_SCREENSHOTS=docs/demo renews the README's), else to the test's temporary folder."""
 import json
 import os
 import shutil
@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-import mlflow_server
-
-from dd_dist.cli import main
 
 CHROMIUM = shutil.which("chromium")
-SHOTS = Path(os.environ.get("DD_DIST_SCREENSHOTS", Path(__file__).resolve().parents[1] / "docs" / "demo"))
 # As root, with no network: no sandbox, and none of Chromium's calls home (refused here, one by one).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 EXPAND = "button[data-component-id*='runnamecellrenderer']"  # the +/- beside a parent run's name
-METHODS = ("standard", "mc-1", "mc-8", "distilled")
+METHODS = ("standard", "mc-4", "distilled")
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,27 +35,17 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served_pipeline(tmp_path_factory):
-    """A tiny MNIST pipeline on local Ray, logged to a real `mlflow server`; yields (url, experiment id, method runs)."""
-    root = tmp_path_factory.mktemp("browser")
-    server = mlflow_server.start(root)
-    try:
-        mlflow_server.wait_until_serving(server)
-        url = server["url"]
-        assert main(["pipeline", "data.name=mnist", "data.train_rows=2000", "data.test_rows=500", "model.arch=mlp",
-                     "teacher.epochs=3", "teacher.lr=0.05", "teacher.lr_steps=[2]", "distill.epochs=2",
-                     "distill.lr=0.005", "distill.lr_steps=[1]",
-                     "label.k=8", "label.actors=1", "eval.ks=[1,8]", "eval.repeats=2", "cluster.num_cpus=4",
-                     f"run_dir={root / 'run'}", f"tracking.uri={url}", "tracking.experiment=browser-test"]) == 0
-        experiment = api(url, "experiments/get-by-name?experiment_name=browser-test")["experiment"]["experiment_id"]
-        runs = api(url, "runs/search", {"experiment_ids": [experiment], "max_results": 100,
-                                        "filter": "tags.stage = 'method'"})["runs"]
-        methods = {r["info"]["run_name"]: {"id": r["info"]["run_id"],
-                                           **{m["key"]: m["value"] for m in r["data"]["metrics"]}} for r in runs}
-        assert sorted(methods) == sorted(METHODS)
-        yield url, experiment, methods
-    finally:
-        server["stop"]()
+def served_pipeline(image_folder_pipeline):
+    """conftest's image-folder pipeline and its `mlflow server`; yields (url, experiment id, method runs)."""
+    url = image_folder_pipeline.url
+    experiment = api(url, f"experiments/get-by-name?experiment_name={image_folder_pipeline.experiment}")
+    experiment = experiment["experiment"]["experiment_id"]
+    runs = api(url, "runs/search", {"experiment_ids": [experiment], "max_results": 100,
+                                    "filter": "tags.stage = 'method'"})["runs"]
+    methods = {r["info"]["run_name"]: {"id": r["info"]["run_id"],
+                                       **{m["key"]: m["value"] for m in r["data"]["metrics"]}} for r in runs}
+    assert sorted(methods) == sorted(METHODS)
+    return url, experiment, methods
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +54,11 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return Path(os.environ.get("DD_DIST_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
 
 
 def open_page(browser, url: str):
@@ -84,7 +75,7 @@ def close_assistant(page) -> None:
         close.first.click()
 
 
-def test_runs_page_shows_each_method_run_and_its_error(served_pipeline, browser):
+def test_runs_page_shows_each_method_run_and_its_error(served_pipeline, browser, shots):
     url, experiment, methods = served_pipeline
     # MLflow 3.17 picks the GenAI or the training view from this parameter (or the toggle's saved choice);
     # the experiment's mlflow.experimentKind tag is what earlier 3.x releases read.
@@ -105,16 +96,16 @@ def test_runs_page_shows_each_method_run_and_its_error(served_pipeline, browser)
         error = page.locator(f".ag-center-cols-container [role=row][row-index='{index}'] [col-id='metrics.`error`']")
         assert float(error.inner_text()) == pytest.approx(methods[method]["error"], abs=5e-4), method  # shown to 3 places
         name_row.first.locator("input.ag-checkbox-input").check()
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=SHOTS / "mlflow_ui_runs.png")
-    # The four selected runs, compared: the page the Compare button opens.
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=shots / "mlflow_ui_runs.png")
+    # The selected runs, compared: the page the Compare button opens.
     page.get_by_role("button", name="Compare").first.click()
     page.wait_for_selector("text=Run details")
     assert sorted(json.loads(page.url.split("runs=")[1].split("&")[0].replace("%22", '"'))) == \
         sorted(m["id"] for m in methods.values())
 
 
-def test_compare_page_shows_the_methods_side_by_side(served_pipeline, browser):
+def test_compare_page_shows_the_methods_side_by_side(served_pipeline, browser, shots):
     url, experiment, methods = served_pipeline
     ids = json.dumps([methods[m]["id"] for m in METHODS])
     page = open_page(browser, f"{url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment])}")
@@ -122,8 +113,8 @@ def test_compare_page_shows_the_methods_side_by_side(served_pipeline, browser):
     close_assistant(page)
     page.wait_for_selector("text=forward_passes")
     text = page.inner_text("body")
-    assert "Comparing 4 Runs from 1 Experiment" in text
+    assert f"Comparing {len(METHODS)} Runs from 1 Experiment" in text
     for method in METHODS:
         assert method in text
         assert str(round(methods[method]["error"], 3)) in text, method  # the metrics table rounds to 3 places
-    page.screenshot(path=SHOTS / "mlflow_ui_compare.png", full_page=True)
+    page.screenshot(path=shots / "mlflow_ui_compare.png", full_page=True)

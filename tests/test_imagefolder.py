@@ -124,18 +124,10 @@ def test_a_bad_image_stops_the_cli_before_any_output(folder, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_example_config_runs_the_pipeline_on_an_image_folder(tmp_path):
-    """configs/imagefolder_example.yaml as a user starts from it: variable-size RGB files resized to 64x64,
-    the nested CNN of examples/nets.py (a model.arch factory: residual blocks, Dropout2d inside them) through
-    every stage on Ray, offline distillation; verify replays the labels from the files."""
-    folder = write_image_folder(tmp_path / "images", {"train": 24, "val": 4, "test": 8})
-    run = tmp_path / "run"
-    overrides = [f"data.path={folder}", f"data.cache_dir={tmp_path}/cache", f"run_dir={run}",
-                 "model.kwargs={channels: 4, hidden: 16}", "teacher.epochs=4", "teacher.lr_steps=[3]",
-                 "teacher.batch_size=16", "label.k=8", "label.rows_per_shard=32", "distill.epochs=2",
-                 "distill.lr_steps=[1]", "distill.batch_size=16", "eval.ks=[4]", "eval.repeats=1",
-                 "cluster.num_cpus=4", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"]
-    assert main(["pipeline", "-c", "configs/imagefolder_example.yaml", *overrides]) == 0
+def test_the_example_config_runs_the_pipeline_on_an_image_folder(image_folder_pipeline):
+    """The example config's pipeline (conftest.image_folder_pipeline) wrote what it should, and verify
+    replays its labels from the files."""
+    folder, run, cache_dir = image_folder_pipeline.folder, image_folder_pipeline.run, image_folder_pipeline.cache_dir
     manifest = json.loads((run / "labels" / "manifest.json").read_text())
     assert manifest["data"]["name"] == "imagefolder" and manifest["rows"] == 72 and len(manifest["shards"]) == 3
     assert manifest["data"]["transform"]["resize"] == [64, 64] and manifest["data"]["skipped"] == 0
@@ -147,4 +139,4 @@ def test_the_example_config_runs_the_pipeline_on_an_image_folder(tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["methods"]) == {"standard", "mc-4", "distilled"} and results["test_images"] == 24
     assert main(["verify", str(run / "labels"), "-c", "configs/imagefolder_example.yaml", f"data.path={folder}",
-                 f"data.cache_dir={tmp_path}/cache", "--teacher", str(run / "teacher" / "model.pt"), "--rows", "20"]) == 0
+                 f"data.cache_dir={cache_dir}", "--teacher", str(run / "teacher" / "model.pt"), "--rows", "20"]) == 0
