@@ -7,6 +7,8 @@ HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-5000}"
 MLFLOW="${MLFLOW:-$(dirname "$0")/../.venv/bin/mlflow}"
 export MLFLOW_DISABLE_TELEMETRY=true
+# No job runner (7 huey processes for GenAI features that dd-dist's runs do not use)
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "MLflow UI: http://$HOST:$PORT  (store $STORE; Ctrl-C stops it)"
 # MLflow 3.17 opens an experiment in its GenAI view until the browser has chosen otherwise once.
 echo "  pick 'Model training' at its top left once (the browser keeps it), or open the link the pipeline printed"

@@ -12,6 +12,11 @@ import urllib.request
 from pathlib import Path
 
 
+# No job runner: its 7 huey processes serve GenAI features dd-dist does not use, cost CPU beside the
+# tests, and take ~15 s to stop once they have run a while.
+SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,7 +31,7 @@ def start(root: Path) -> dict:
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/store.db",
          "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, stdout=open(root / "server.log", "w"),
+        cwd=root, env={**os.environ, **SERVER_ENV}, stdout=open(root / "server.log", "w"),
         stderr=subprocess.STDOUT, start_new_session=True)
     return {"url": f"http://127.0.0.1:{port}", "root": root, "proc": proc, "stop": lambda: stop(proc)}
 
