@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import platform
 import shutil
@@ -89,7 +90,14 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
             "labels_resumed": resumed,
             "student_dropout": cfg.distill.dropout, "student_weight_decay": cfg.distill.weight_decay,
+            "teacher_schedule": schedule_text([lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def schedule_text(lrs: list[float]) -> str:
+    """A per-epoch learning-rate list as its runs, e.g. "0.01 x30, 0.001 x8"."""
+    runs = [(lr, len(list(group))) for lr, group in itertools.groupby(lrs)]
+    return ", ".join(f"{lr:g} x{n}" for lr, n in runs)
 
 
 def kept_teacher_seconds(cfg) -> float | None:
@@ -139,6 +147,8 @@ def summarise(units: list[dict]) -> list[dict]:
                      "student_dropout": any(u.get("student_dropout", True) for u in mine),
                      # units from before this was recorded distilled with the default 5e-4
                      "student_weight_decays": sorted({u.get("student_weight_decay", 5e-4) for u in mine}),
+                     # a row whose seeds' teachers trained on different schedules shows them all
+                     "teacher_schedules": sorted({u.get("teacher_schedule", "?") for u in mine}),
                      "stage_seconds_mean": stage_seconds_mean(mine)})
     return rows
 
@@ -172,9 +182,9 @@ def markdown(report: dict) -> str:
              f"Test error %: mean ± std over seeds; MC = K-mask MC dropout averaged over its repeats. "
              f"Within ±{TARGET}: every mean of the row within {TARGET} points of its reference. Gap recovered: "
              f"where MC beats standard by more than the larger std (one seed: 0.05 points).", "",
-             "| row | seeds | standard | MC | distilled | student wd | reference std / MC / dist | within ±0.15 | "
+             "| row | seeds | standard | MC | distilled | teacher lr x epochs | student wd | reference std / MC / dist | within ±0.15 | "
              "gap recovered | distilled ≤ standard (mean) | teacher / label / distill / eval s |",
-             "|---|---|---:|---:|---:|---|---|---|---:|---|---|"]
+             "|---|---|---:|---:|---:|---|---|---|---|---:|---|---|"]
     for s in report["summary"]:
         mc = s["methods"][1]
         gap = "n/a" if s["gap_recovered"] is None else f"{100 * s['gap_recovered']:.0f} %"
@@ -184,6 +194,7 @@ def markdown(report: dict) -> str:
                            for k in ("teacher", "label", "distill", "evaluate"))
         lines.append(f"| {s['row']} | {','.join(map(str, s['seeds']))} | {cell(s, 'standard')} | "
                      f"{cell(s, mc)} ({mc}) | {cell(s, 'distilled')}{' †' * s['student_dropout']} | "
+                     f"{' and '.join(s['teacher_schedules'])} | "
                      f"{' and '.join(f'{w:g}' for w in s['student_weight_decays'])} | {ref(s, 0)} / {ref(s, 1)} / {ref(s, 2)} "
                      f"({s['reference_source']}) | {within} | {gap} | {'yes' if s['distilled_le_standard_on_mean'] else 'NO'} "
                      f"| {times} |")
