@@ -28,6 +28,7 @@ from dd_dist.labels.format import load_soft_labels, write_manifest
 from dd_dist.core.tasks import StudentTask, TeacherTask
 from dd_dist.layout import RunDir
 from dd_dist.train.driver import checked_labels, train
+from ray_logs import worker_stderr
 
 EPOCHS = 6
 
@@ -185,6 +186,10 @@ def test_two_zero2_workers_learn_like_one(offline_runs, labels, teacher_run):
     np.testing.assert_allclose(losses2, losses1, rtol=0.1)
     inputs, mc = augmented_inputs_and_labels(teacher_run[0], labels)
     assert kl_to(model2, inputs, mc) == pytest.approx(kl_to(model1, inputs, mc), rel=0.1)
+
+
+def test_zero2_workers_do_not_repeat_a_warning_every_step(offline_runs):
+    assert "all_gather_into_tensor` is deprecated" not in worker_stderr()
 
 
 @pytest.mark.slow

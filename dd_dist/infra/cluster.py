@@ -14,6 +14,7 @@ from dd_dist.data.cache import large_build
 from dd_dist.data.decoding import ray_is_up
 from dd_dist.data.splits import Split, run_split
 from dd_dist.errors import UserError
+from dd_dist.infra.worker_setup import quiet_local_ray
 from dd_dist.layout import RunDir
 
 # Passed to every Ray worker: no telemetry, and DeepSpeed on CPU unless a GPU run asks otherwise.
@@ -73,7 +74,8 @@ def ray_session(cfg: ClusterConfig):
                # the working directory, where a model factory of the user's may live (model.arch=pkg.mod:fn)
                "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
         ray.init(num_cpus=cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env})
+                 _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": quiet_local_ray})
     try:
         yield
     finally:

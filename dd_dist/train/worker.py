@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,9 @@ from dd_dist.train.rows import stream_batches
 
 
 def train_worker(config: dict) -> None:
+    # DeepSpeed's ZeRO gathers with a torch call that torch 2.13 deprecates, on every step; and since any
+    # catch_warnings() re-arms a shown warning, the log would repeat it hundreds of times an epoch
+    warnings.filterwarnings("ignore", r"`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
     import ray.train  # heavy, and present only inside a Ray Train worker
