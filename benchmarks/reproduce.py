@@ -26,7 +26,8 @@ from dd_dist.config import load_config
 from dd_dist.core.loop import lr_at
 from dd_dist.core.models import read_checkpoint
 from dd_dist.data.sources import FASHION_MNIST_DIR
-from dd_dist.files import atomic_write, write_json
+from dd_dist.files import atomic_write, file_sha256, write_json
+from dd_dist.labels.format import MANIFEST, read_manifest
 from dd_dist.layout import RunDir
 from dd_dist.pipeline import run_pipeline
 
@@ -73,6 +74,8 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
         for stage in ("teacher", "labels"):
             shutil.rmtree(run_dir / stage, ignore_errors=True)
             shutil.copytree(source / stage, run_dir / stage)
+    if not reused:
+        clear_stale_outputs(cfg)
     kept = None if reused else kept_teacher_seconds(cfg)
     # finished label shards of an earlier run are verified, not recomputed: that stage's time is not a labelling time
     resumed = bool(kept) and (run_dir / "labels" / "manifest.json").is_file()
@@ -100,18 +103,36 @@ def schedule_text(lrs: list[float]) -> str:
     return ", ".join(f"{lr:g} x{n}" for lr, n in runs)
 
 
+def teacher_fits(cfg) -> bool:
+    """Does run_dir hold a finished teacher trained on this config's architecture and schedule?"""
+    model, history = RunDir(cfg).teacher, RunDir(cfg).history("teacher")
+    if not (model.is_file() and history.is_file()):
+        return False
+    epochs, spec = json.loads(history.read_text())["epochs"], read_checkpoint(model)["spec"]
+    return (spec["arch"], spec["width"], spec["p"]) == (cfg.model.arch, 1.0, cfg.model.p) and \
+        [e["lr"] for e in epochs] == [lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]
+
+
+def clear_stale_outputs(cfg) -> None:
+    """After a config change: a finished teacher of another schedule or architecture starts the unit over in
+    an empty run_dir; labels of another teacher than the finished one go (the label stage refuses them)."""
+    run, labels = RunDir(cfg), RunDir(cfg).labels / MANIFEST
+    if run.teacher.is_file() and not teacher_fits(cfg):
+        print(f"reproduce: {cfg.run_dir} holds a teacher trained on another schedule: starting afresh", flush=True)
+        shutil.rmtree(cfg.run_dir)
+    elif run.teacher.is_file() and labels.is_file() and \
+            read_manifest(labels.parent)["teacher"]["sha256"] != file_sha256(run.teacher):
+        print(f"reproduce: {labels.parent} holds labels of an earlier teacher: labelling again", flush=True)
+        shutil.rmtree(labels.parent)
+
+
 def kept_teacher_seconds(cfg) -> float | None:
     """A rerun (after a crash in a later stage, or for a new student) keeps the finished teacher of run_dir:
-    its seconds (from its history), when it is there and was trained on this config's architecture and
-    schedule; else None."""
-    model, history = RunDir(cfg).teacher, RunDir(cfg).teacher.with_name("history.json")
-    if not (model.is_file() and history.is_file()):
+    its seconds (from its history), when it fits this config (teacher_fits); else None."""
+    if not teacher_fits(cfg):
         return None
-    epochs, spec = json.loads(history.read_text())["epochs"], read_checkpoint(model)["spec"]
-    if (spec["arch"], spec["width"], spec["p"]) != (cfg.model.arch, 1.0, cfg.model.p) or \
-            [e["lr"] for e in epochs] != [lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]:
-        return None
-    print(f"reproduce: keeping the finished teacher {model.relative_to(REPO)}", flush=True)
+    print(f"reproduce: keeping the finished teacher {RunDir(cfg).teacher.relative_to(REPO)}", flush=True)
+    epochs = json.loads(RunDir(cfg).history("teacher").read_text())["epochs"]
     return sum(e["epoch_seconds"] for e in epochs) + epochs[0]["setup_seconds"]
 
 
