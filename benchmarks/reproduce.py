@@ -118,7 +118,7 @@ def clear_stale_outputs(cfg) -> None:
     an empty run_dir; labels of another teacher than the finished one go (the label stage refuses them)."""
     run, labels = RunDir(cfg), RunDir(cfg).labels / MANIFEST
     if run.teacher.is_file() and not teacher_fits(cfg):
-        print(f"reproduce: {cfg.run_dir} holds a teacher trained on another schedule: starting afresh", flush=True)
+        print(f"reproduce: {cfg.run_dir} holds a teacher of another schedule or architecture: starting afresh", flush=True)
         shutil.rmtree(cfg.run_dir)
     elif run.teacher.is_file() and labels.is_file() and \
             read_manifest(labels.parent)["teacher"]["sha256"] != file_sha256(run.teacher):
