@@ -78,7 +78,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
         clear_stale_outputs(cfg)
     kept = None if reused else kept_teacher_seconds(cfg)
     # finished label shards of an earlier run are verified, not recomputed: that stage's time is not a labelling time
-    resumed = bool(kept) and (run_dir / "labels" / "manifest.json").is_file()
+    resumed = bool(kept) and (RunDir(cfg).labels / MANIFEST).is_file()
     began = time.perf_counter()
     seconds = run_pipeline(cfg, reuse=("teacher", "label") if reused else ("teacher",) if kept else ())
     if kept:
@@ -93,7 +93,7 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
             "teacher_from": str(source.relative_to(REPO)) if reused else None, "teacher_kept": bool(kept),
             "labels_resumed": resumed,
             "student_dropout": cfg.distill.dropout, "student_weight_decay": cfg.distill.weight_decay,
-            "teacher_schedule": schedule_text([lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]),
+            "teacher_schedule": schedule_text(teacher_lrs(cfg)),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -103,6 +103,11 @@ def schedule_text(lrs: list[float]) -> str:
     return ", ".join(f"{lr:g} x{n}" for lr, n in runs)
 
 
+def teacher_lrs(cfg) -> list[float]:
+    """The teacher's learning rate at each epoch of the config's schedule."""
+    return [lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]
+
+
 def teacher_fits(cfg) -> bool:
     """Does run_dir hold a finished teacher trained on this config's architecture and schedule?"""
     model, history = RunDir(cfg).teacher, RunDir(cfg).history("teacher")
@@ -110,20 +115,20 @@ def teacher_fits(cfg) -> bool:
         return False
     epochs, spec = json.loads(history.read_text())["epochs"], read_checkpoint(model)["spec"]
     return (spec["arch"], spec["width"], spec["p"]) == (cfg.model.arch, 1.0, cfg.model.p) and \
-        [e["lr"] for e in epochs] == [lr_at(cfg.teacher, e) for e in range(cfg.teacher.epochs)]
+        [e["lr"] for e in epochs] == teacher_lrs(cfg)
 
 
 def clear_stale_outputs(cfg) -> None:
     """After a config change: a finished teacher of another schedule or architecture starts the unit over in
     an empty run_dir; labels of another teacher than the finished one go (the label stage refuses them)."""
-    run, labels = RunDir(cfg), RunDir(cfg).labels / MANIFEST
+    run = RunDir(cfg)
     if run.teacher.is_file() and not teacher_fits(cfg):
         print(f"reproduce: {cfg.run_dir} holds a teacher of another schedule or architecture: starting afresh", flush=True)
         shutil.rmtree(cfg.run_dir)
-    elif run.teacher.is_file() and labels.is_file() and \
-            read_manifest(labels.parent)["teacher"]["sha256"] != file_sha256(run.teacher):
-        print(f"reproduce: {labels.parent} holds labels of an earlier teacher: labelling again", flush=True)
-        shutil.rmtree(labels.parent)
+    elif run.teacher.is_file() and (run.labels / MANIFEST).is_file() and \
+            read_manifest(run.labels)["teacher"]["sha256"] != file_sha256(run.teacher):
+        print(f"reproduce: {run.labels} holds labels of an earlier teacher: labelling again", flush=True)
+        shutil.rmtree(run.labels)
 
 
 def kept_teacher_seconds(cfg) -> float | None:
