@@ -53,9 +53,10 @@ ROWS = {
     **{f"{row}-w{w}": (config, [f"distill.width={w}"], (None, SMALLER))
        for row, config in (("mnist-lenet", MNIST_LENET), ("mnist-lenet_all", MNIST_LENET_ALL)) for w in (0.6, 0.8)},
 }
-# A row whose teacher config equals another row's learns from that row's teacher and labels (same
-# seed) when that run is there, as in the paper: the small student is distilled from the full teacher.
-REUSE = {row: row.rsplit("-w", 1)[0] for row in ROWS if "-w0." in row}
+# A smaller student learns from the full teacher's labels (same seed), as in the paper: those of its full row's
+# run when it is there, else those of a sibling smaller student's run (which trained that same teacher).
+SAME_TEACHER = {row: [other for other in ROWS if other != row and other.rsplit("-w", 1)[0] == row.rsplit("-w", 1)[0]]
+                for row in ROWS if "-w0." in row}
 # --quick: the same pipeline on 5k training images, 2k test images, short schedules, K=20.
 QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "teacher.lr=0.01", "teacher.lr_steps=[2]",
          "distill.epochs=2", "distill.lr=0.001", "distill.lr_steps=[1]", "label.k=20", "eval.ks=[1,20]",
@@ -68,8 +69,9 @@ def run_unit(row: str, seed: int, quick: bool) -> dict:
     run_dir = runs / f"{row}-seed{seed}"
     cfg = load_config(REPO / config, [*overrides, *(QUICK if quick else []), f"seed={seed}", f"run_dir={run_dir}",
                                       f"tracking.experiment={EXPERIMENT}" + ("-quick" if quick else "")])
-    source = runs / f"{REUSE.get(row)}-seed{seed}"
-    reused = row in REUSE and (source / "labels" / "manifest.json").is_file()
+    labelled = [runs / f"{other}-seed{seed}" for other in SAME_TEACHER.get(row, [])]
+    source = next((run for run in labelled if (run / "labels" / MANIFEST).is_file()), None)
+    reused = source is not None
     if reused:
         for stage in ("teacher", "labels"):
             shutil.rmtree(run_dir / stage, ignore_errors=True)
