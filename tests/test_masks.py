@@ -67,6 +67,15 @@ def test_masks_are_uncorrelated_across_units_samples_rows_and_layers():
         assert abs((a * b).mean().item()) < bound * (keep.numel() / a.numel()) ** 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masks_in_the_activations_dtype_are_the_boolean_masks(dtype):
+    """The MC code asks for masks in the dtype they multiply (no cast on the CPU): the same 0/1 values."""
+    for p, antithetic, n in ((0.5, False, 70), (0.3, True, 64), (0.0, False, 5), (1.0, False, 5)):
+        keep = keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic, dtype=dtype)
+        assert keep.dtype == dtype and keep.is_contiguous()
+        assert torch.equal(keep, keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic).to(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_masks_are_bit_identical():

@@ -53,20 +53,20 @@ def words(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
 
 
 @functools.cache
-def _bytes_to_bools(device: torch.device) -> torch.Tensor:
-    """(256,) int64: byte b as 8 bytes of 0/1 in memory order, bit i of b at byte i (little-endian words)."""
-    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-    return (bits << (8 * torch.arange(8))).sum(1).to(device)
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 8) of dtype: byte b's bits as 0/1, bit i at column i (little-endian words)."""
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(device=device, dtype=dtype)
 
 
-def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """(rows, n) bool, contiguous, of the first n bits of each row of (rows, words) int64, bit i of word w
-    at w * 64 + i: each byte looked up as 8 bools at once (index_select: several times faster than indexing)."""
+def unpack(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """(rows, n) 0/1 of dtype, contiguous, of the first n bits of each row of (rows, words) int64, bit i of
+    word w at w * 64 + i: each byte looked up as its 8 values at once (a table row read as int64 words:
+    index_select moves whole rows, several times faster than indexing)."""
     as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
+    table = _byte_table(packed.device, dtype).view(torch.int64)
     # int32 indices: half the bytes of int64
-    bools = _bytes_to_bools(packed.device).index_select(0, as_bytes.int().reshape(-1))
-    bools = bools.view(torch.bool).view(len(packed), -1)
-    return bools if bools.shape[1] == n else bools[:, :n].contiguous()
+    values = table.index_select(0, as_bytes.int().reshape(-1)).view(dtype).view(len(packed), -1)
+    return values if values.shape[1] == n else values[:, :n].contiguous()
 
 
 def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
@@ -89,9 +89,9 @@ def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
 
 
 def keep_masks(row_ids, layer: int, k: int, n: int, p: float, seed: int, antithetic: bool = False,
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """(rows, k, n) boolean keep-masks of one dropout layer with n units on `device`; each unit is dropped
-    with probability p (rounded to 16 bits, see above).
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """(rows, k, n) keep-masks (1 keeps) of one dropout layer with n units on `device`; each unit is dropped
+    with probability p (rounded to 16 bits, see above), as 0/1 of dtype (that of what they multiply saves a cast).
 
     antithetic (k even): samples 2i and 2i+1 are a pair: sample 2i is sample i of the plain stream
     (keep_masks with k / 2), sample 2i+1 its partner from the complemented uniforms."""
@@ -100,7 +100,7 @@ def keep_masks(row_ids, layer: int, k: int, n: int, p: float, seed: int, antithe
     ids = torch.as_tensor(row_ids, dtype=torch.int64, device=device)
     cut = round(p * 2**PLANES)
     if cut in (0, 2**PLANES):  # nothing to draw
-        return torch.full((len(ids), k, n), cut == 0, dtype=torch.bool, device=ids.device)
+        return torch.full((len(ids), k, n), cut == 0, dtype=dtype, device=ids.device)
     base = k // 2 if antithetic else k
-    keep = [unpack(~d, base * n).view(-1, base, n) for d in drop_bits(ids, layer, base * n, p, seed, antithetic)]
+    keep = [unpack(~d, base * n, dtype).view(-1, base, n) for d in drop_bits(ids, layer, base * n, p, seed, antithetic)]
     return (torch.stack(keep, 2) if antithetic else keep[0]).reshape(-1, k, n)

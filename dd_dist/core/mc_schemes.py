@@ -162,15 +162,15 @@ class _Sampler:
         ys = []
         for start in range(0, len(ids), chunk):
             rows = ids[start : start + chunk]
-            masks = lambda layer, n, p: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
-                                                   self.scheme.antithetic, device=h.device)
+            masks = lambda layer, n, p, dtype: keep_masks(rows, layer, k * self.per_mask[layer], n, p, seed,  # noqa: E731
+                                                          self.scheme.antithetic, device=h.device, dtype=dtype)
             if not self.scheme.control_variate:
                 f = y = softmax(self.net.run(h[start : start + chunk], masks, k))
             else:
                 pre = run_masked(self.body, h[start : start + chunk], masks, k)  # (rows * k, ...): every mask but the last
                 if self.last_layer:  # the last layer's own branches of each sample above it
                     pre = pre.repeat_interleave(self.per_mask[-1] // self.per_mask[-2], dim=0)
-                last = lambda layer, n, p: masks(self.last_layer, n, p).reshape(-1, 1, n)  # noqa: E731
+                last = lambda layer, n, p, dtype: masks(self.last_layer, n, p, dtype).reshape(-1, 1, n)  # noqa: E731
                 z = full_precision(run_masked([self.last, *self.tail], pre, last, 1))
                 zbar = full_precision(self.tail(pre))  # E[z | the other masks]: the tail is affine
                 sbar, d = softmax(zbar), z - zbar
