@@ -100,6 +100,20 @@ def test_a_flat_net_wrapped_in_a_module_gets_the_flat_paths_labels():
     assert torch.equal(wrapped_label[2], flat_label[2])
 
 
+def test_a_sequential_with_its_own_forward_runs_its_forward():
+    """Prefix sharing and the channels-last one-pass walk a plain nn.Sequential module by module; a subclass
+    that overrides forward() (here: a residual connection) is run through its forward, by MC and by weight scaling."""
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) + x  # 2 inputs, 2 classes
+
+    torch.manual_seed(0)
+    net = Residual(nn.Linear(2, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 2)).double()
+    with torch.no_grad():
+        assert torch.allclose(standard_probs(net, X), F.softmax(net.eval()(X), dim=1), atol=1e-12)
+        assert torch.allclose(mc_probs(net, X, IDS, 20, seed=2), mc_probs_naive(net, X, IDS, 20, seed=2), atol=1e-12)
+
+
 def test_what_mc_cannot_do_on_a_nested_net_is_refused():
     net = residual()
     for scheme, words in ((MCScheme(k=8, fanout=(2,)), r"a mask tree \(fanout\)"), (MCScheme(k=8, control_variate=True),

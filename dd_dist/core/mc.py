@@ -58,8 +58,9 @@ def dropout_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def is_flat(model: nn.Module) -> bool:
-    """A flat nn.Sequential whose dropouts are all top-level nn.Dropout: MC shares its prefix and may branch."""
-    return isinstance(model, nn.Sequential) and all(type(m) is nn.Dropout for m in dropout_layers(model)) and \
+    """A flat nn.Sequential whose dropouts are all top-level nn.Dropout: MC shares its prefix and may branch.
+    Not a subclass: one may override forward(), which a module-by-module walk would skip."""
+    return type(model) is nn.Sequential and all(type(m) is nn.Dropout for m in dropout_layers(model)) and \
         sum(type(m) is nn.Dropout for m in model) == len(dropout_layers(model))
 
 
@@ -90,7 +91,7 @@ def standard_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Weight scaling: what model.eval() does with inverted dropout."""
     model.eval()
     with torch.inference_mode():
-        return softmax(run_channels_last(model, x) if isinstance(model, nn.Sequential) else model(x))
+        return softmax(run_channels_last(model, x) if type(model) is nn.Sequential else model(x))
 
 
 def split_at_first_dropout(model: nn.Sequential) -> tuple[list[nn.Module], list[nn.Module]]:
