@@ -54,20 +54,20 @@ def words(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
 
 @functools.cache
 def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(256, 8) of dtype: byte b's bits as 0/1, bit i at column i (little-endian words)."""
-    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(device=device, dtype=dtype)
+    """Byte b's 8 bits as 0/1 of dtype, bit i at position i (little-endian words), row b read as int64 words
+    (index_select moves whole rows); 8 bools are one int64, so that table is 1-D: index_select's fastest path (2x)."""
+    table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(device=device, dtype=dtype).view(torch.int64)
+    return table.view(-1) if table.shape[1] == 1 else table
 
 
 def unpack(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """(rows, n) 0/1 of dtype, contiguous, of the first n bits of each row of (rows, words) int64, bit i of
-    word w at w * 64 + i: each byte looked up as its 8 values at once (a table row read as int64 words:
-    index_select moves whole rows, several times faster than indexing)."""
+    word w at w * 64 + i: each byte looked up as its 8 values at once (_byte_table: several times faster
+    than indexing)."""
     as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
-    table = _byte_table(packed.device, dtype).view(torch.int64)
-    if table.shape[1] == 1:  # 8 bools: one int64 a row; a 1-D table takes index_select's fastest path (2x)
-        table = table.view(-1)
     # int32 indices: half the bytes of int64
-    values = table.index_select(0, as_bytes.int().reshape(-1)).view(dtype).view(len(packed), -1)
+    values = _byte_table(packed.device, dtype).index_select(0, as_bytes.int().reshape(-1))
+    values = values.view(dtype).view(len(packed), -1)
     return values if values.shape[1] == n else values[:, :n].contiguous()
 
 
