@@ -47,22 +47,34 @@ def mlp(in_shape, classes, p, width):
             nn.Linear(n, n), nn.ReLU(), nn.Dropout(p), nn.Linear(n, classes)]
 
 
-def _lenet(in_shape, classes, p, width, every_layer: bool):
+def _lenet(in_shape, classes, p, width, conv_dropout: str | None):
+    """Caffe LeNet; conv_dropout puts a dropout on each conv block's output "after" its pool or "before" it."""
     c1, c2, f = _w(20, width), _w(50, width), _w(500, width)
-    drop = [nn.Dropout(p)] if every_layer else []
-    features = [nn.Conv2d(in_shape[0], c1, 5), nn.MaxPool2d(2), *drop,
-                nn.Conv2d(c1, c2, 5), nn.MaxPool2d(2), *[nn.Dropout(p) for _ in drop], nn.Flatten()]
+    features = []
+    for conv in (nn.Conv2d(in_shape[0], c1, 5), nn.Conv2d(c1, c2, 5)):
+        block = {None: [conv, nn.MaxPool2d(2)], "after": [conv, nn.MaxPool2d(2), nn.Dropout(p)],
+                 "before": [conv, nn.Dropout(p), nn.MaxPool2d(2)]}[conv_dropout]
+        features += block
+    features.append(nn.Flatten())
     return [*features, nn.Linear(_units_out(features, in_shape), f), nn.ReLU(), nn.Dropout(p), nn.Linear(f, classes)]
 
 
 def lenet(in_shape, classes, p, width):
     """Caffe LeNet; dropout only before the last layer."""
-    return _lenet(in_shape, classes, p, width, every_layer=False)
+    return _lenet(in_shape, classes, p, width, conv_dropout=None)
 
 
 def lenet_all(in_shape, classes, p, width):
-    """LeNet with dropout after every layer (the paper's LeNetAll)."""
-    return _lenet(in_shape, classes, p, width, every_layer=True)
+    """LeNet with dropout after every block: each conv block's after its max-pool."""
+    return _lenet(in_shape, classes, p, width, conv_dropout="after")
+
+
+def lenet_all_prepool(in_shape, classes, p, width):
+    """LeNet with dropout on each conv's output before its max-pool: Gal & Ghahramani's Caffe "lenet-all"
+    (yaringal/DropoutUncertaintyCaffeModels, mnist_uncertainty/lenet_all_dropout_train_test.prototxt), the
+    net behind the paper's LeNetAll. Weight scaling is a poorer stand-in for the mask average here (a max-pool
+    of dropped-out inputs is not the max-pool of their means), so MC has more to gain."""
+    return _lenet(in_shape, classes, p, width, conv_dropout="before")
 
 
 def cifar_quick(in_shape, classes, p, width):
@@ -111,7 +123,8 @@ def allconv(in_shape, classes, p, width):
             nn.AdaptiveAvgPool2d(1), nn.Flatten()]
 
 
-ARCHS: dict[str, Callable] = {f.__name__: f for f in (mlp, lenet, lenet_all, cifar_quick, nin, allconv)}
+ARCHS: dict[str, Callable] = {f.__name__: f for f in (mlp, lenet, lenet_all, lenet_all_prepool, cifar_quick, nin,
+                                                       allconv)}
 
 
 def is_factory(arch: str) -> bool:
