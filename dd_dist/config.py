@@ -58,7 +58,7 @@ class DataConfig(Section):
         return {"resize": self.resize, "center_crop": self.center_crop, "mean": self.mean, "std": self.std}
 
 
-BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv")  # dd_dist.core.models.ARCHS
+BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "lenet_all_prepool", "cifar_quick", "nin", "allconv")  # dd_dist.core.models.ARCHS
 FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 
