@@ -112,7 +112,8 @@ def test_prefix_shared_batched_pass_equals_the_naive_loop_with_the_same_masks():
     for net in (tiny_net(0.5), tiny_net(0.3)):
         assert torch.allclose(mc_probs(net, X, IDS, 7, 0), mc_probs_naive(net, X, IDS, 7, 0), atol=1e-12)
     torch.manual_seed(0)
-    for arch, shape in (("lenet_all", (1, 28, 28)), ("allconv", (3, 16, 16))):  # allconv: 0.2 input dropout, no prefix
+    for arch, shape in (("lenet_all", (1, 28, 28)), ("lenet_all_prepool", (1, 28, 28)),
+                        ("allconv", (3, 16, 16))):  # allconv: 0.2 input dropout, no prefix
         model, x, ids = build_model(arch, shape, 10), torch.rand(3, *shape), torch.arange(3)
         assert torch.allclose(mc_probs(model, x, ids, 4, 1), mc_probs_naive(model, x, ids, 4, 1), atol=1e-6)
 

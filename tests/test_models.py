@@ -8,6 +8,7 @@ from torch import nn
 
 from dd_dist.core.models import (ARCHS, build_model, file_sha256, init_student_from_teacher, load_model, model_spec,
                                  save_model)
+from dd_dist.config import BUILT_IN_ARCHS
 from dd_dist.errors import UserError
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
@@ -22,7 +23,7 @@ def dropout_positions(model):
 
 
 @pytest.mark.parametrize("arch, shape, classes", [
-    ("mlp", MNIST, 10), ("lenet", MNIST, 10), ("lenet_all", MNIST, 10),
+    ("mlp", MNIST, 10), ("lenet", MNIST, 10), ("lenet_all", MNIST, 10), ("lenet_all_prepool", MNIST, 10),
     ("cifar_quick", CIFAR, 10), ("cifar_quick", CIFAR, 100), ("nin", CIFAR, 10), ("nin", CIFAR, 100),
     ("allconv", CIFAR, 10), ("allconv", CIFAR, 100),
 ])
@@ -40,7 +41,11 @@ def test_every_arch_builds_with_real_dropout_and_shrinks_with_width(arch, shape,
 def test_dropout_placement_follows_the_paper():
     lenet = build_model("lenet", MNIST, 10)
     assert dropout_positions(lenet) == [len(lenet) - 2]  # only before the last layer
-    assert len(dropout_positions(build_model("lenet_all", MNIST, 10))) == 3
+    lenet_all, prepool = build_model("lenet_all", MNIST, 10), build_model("lenet_all_prepool", MNIST, 10)
+    assert [type(lenet_all[i - 1]) for i in dropout_positions(lenet_all)] == [nn.MaxPool2d, nn.MaxPool2d, nn.ReLU]
+    # Gal & Ghahramani's Caffe lenet-all: conv -> dropout -> max-pool, twice
+    assert [type(prepool[i - 1]) for i in dropout_positions(prepool)] == [nn.Conv2d, nn.Conv2d, nn.ReLU]
+    assert [type(prepool[i + 1]) for i in dropout_positions(prepool)[:2]] == [nn.MaxPool2d, nn.MaxPool2d]
     assert len(dropout_positions(build_model("mlp", MNIST, 10))) == 2
     assert len(dropout_positions(build_model("nin", CIFAR, 10))) == 2
     allconv = build_model("allconv", CIFAR, 10, p=0.4)
@@ -71,7 +76,8 @@ def test_bad_models_are_one_line_user_errors(kwargs, match):
 
 
 def test_registry_names():
-    assert set(ARCHS) == {"mlp", "lenet", "lenet_all", "cifar_quick", "nin", "allconv"}
+    assert set(ARCHS) == {"mlp", "lenet", "lenet_all", "lenet_all_prepool", "cifar_quick", "nin", "allconv"}
+    assert set(BUILT_IN_ARCHS) == set(ARCHS)  # the config validates names without building nets
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -139,7 +145,7 @@ def test_student_of_the_same_architecture_copies_everything():
     assert torch.equal(student.eval()(x), teacher.eval()(x))
 
 
-@pytest.mark.parametrize("arch", ["lenet", "lenet_all", "mlp", "allconv"])
+@pytest.mark.parametrize("arch", ["lenet", "lenet_all", "lenet_all_prepool", "mlp", "allconv"])
 def test_smaller_student_is_the_teacher_pruned_to_its_strongest_units(arch):
     """A teacher whose units beyond the student's width are dead (zero weights in and out, zero bias) computes
     the same function as the student pruned from it: the prune kept exactly its live units, in order,
