@@ -34,7 +34,7 @@ def test_the_goal_compares_the_students_best_one_pass_score_with_mc_and_max_soft
 
 
 def test_only_rows_trained_on_mnist_are_accepted(monkeypatch, capsys):
-    assert ood.MNIST_ROWS == ["mnist-lenet", "mnist-lenet_all", "mnist-mlp"]
+    assert ood.MNIST_ROWS == ["mnist-lenet", "mnist-lenet_all", "mnist-lenet_all_prepool", "mnist-mlp"]
     monkeypatch.setattr(sys, "argv", ["ood", "--rows", "fashion-lenet"])
     with pytest.raises(SystemExit) as exit_:
         ood.main()
