@@ -55,7 +55,8 @@ ROWS = {
 # as that teacher pruned to its strongest units (distill.init=teacher): their "standard" column is the
 # full teacher's, which they should beat.
 ROWS.update({f"{row}-w{w}": (ROWS[row][0], [*ROWS[row][1], f"distill.width={w}"], (None, SMALLER))
-             for row in ("mnist-lenet", "mnist-lenet_all", "fashion-lenet") for w in (0.6, 0.8)})
+             for row in ("mnist-lenet", "mnist-lenet_all", "mnist-lenet_all_prepool", "fashion-lenet")
+             for w in (0.6, 0.8)})
 # A smaller student learns from the full teacher's labels (same seed), as in the paper: those of its full row's
 # run when it is there, else those of a sibling smaller student's run (which trained that same teacher).
 SAME_TEACHER = {row: [other for other in ROWS if other != row and other.rsplit("-w", 1)[0] == row.rsplit("-w", 1)[0]]
