@@ -58,7 +58,8 @@ class DataConfig(Section):
         return {"resize": self.resize, "center_crop": self.center_crop, "mean": self.mean, "std": self.std}
 
 
-BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "lenet_all_prepool", "cifar_quick", "nin", "allconv")  # dd_dist.core.models.ARCHS
+# the names of dd_dist.core.models.ARCHS (tests/test_models.py checks they agree)
+BUILT_IN_ARCHS = ("mlp", "lenet", "lenet_all", "lenet_all_prepool", "cifar_quick", "nin", "allconv")
 FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 

@@ -48,12 +48,14 @@ def mlp(in_shape, classes, p, width):
 
 
 def _lenet(in_shape, classes, p, width, conv_dropout: str | None):
-    """Caffe LeNet; conv_dropout puts a dropout on each conv block's output "after" its pool or "before" it."""
+    """Caffe LeNet (conv -> max-pool, twice); conv_dropout: None, or where each conv block's dropout sits,
+    "after" its max-pool or "before" it."""
     c1, c2, f = _w(20, width), _w(50, width), _w(500, width)
     features = []
     for conv in (nn.Conv2d(in_shape[0], c1, 5), nn.Conv2d(c1, c2, 5)):
-        block = {None: [conv, nn.MaxPool2d(2)], "after": [conv, nn.MaxPool2d(2), nn.Dropout(p)],
-                 "before": [conv, nn.Dropout(p), nn.MaxPool2d(2)]}[conv_dropout]
+        block = [conv, nn.MaxPool2d(2)]
+        if conv_dropout:
+            block.insert({"before": 1, "after": 2}[conv_dropout], nn.Dropout(p))
         features += block
     features.append(nn.Flatten())
     return [*features, nn.Linear(_units_out(features, in_shape), f), nn.ReLU(), nn.Dropout(p), nn.Linear(f, classes)]
@@ -71,9 +73,9 @@ def lenet_all(in_shape, classes, p, width):
 
 def lenet_all_prepool(in_shape, classes, p, width):
     """LeNet with dropout on each conv's output before its max-pool: Gal & Ghahramani's Caffe "lenet-all"
-    (yaringal/DropoutUncertaintyCaffeModels, mnist_uncertainty/lenet_all_dropout_train_test.prototxt), the
-    net behind the paper's LeNetAll. Weight scaling is a poorer stand-in for the mask average here (a max-pool
-    of dropped-out inputs is not the max-pool of their means), so MC has more to gain."""
+    (yaringal/DropoutUncertaintyCaffeModels, mnist_uncertainty/lenet_all_dropout_train_test.prototxt), one
+    reading of the paper's LeNetAll, which does not show its layout. Weight scaling is a poorer stand-in for the
+    mask average here (a max-pool of dropped-out inputs is not the max-pool of their means): MC gains more."""
     return _lenet(in_shape, classes, p, width, conv_dropout="before")
 
 
