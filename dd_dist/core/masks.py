@@ -30,18 +30,17 @@ def _signed(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic: clear the copied sign bits)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
 def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser, in place on an int64 tensor."""
-    z ^= _shr(z, 30)
-    z *= _signed(SPLITMIX_MUL1)
-    z ^= _shr(z, 27)
-    z *= _signed(SPLITMIX_MUL2)
-    z ^= _shr(z, 31)
+    """splitmix64's finaliser, in place on an int64 tensor (one scratch tensor: a new tensor per step would cost
+    its page faults, more than the arithmetic). torch's >> is arithmetic: masking its copies of the sign bit
+    makes it logical."""
+    scratch = torch.empty_like(z)
+    for shift, multiplier in ((30, SPLITMIX_MUL1), (27, SPLITMIX_MUL2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=scratch)
+        scratch &= (1 << (64 - shift)) - 1
+        z ^= scratch
+        if multiplier:
+            z *= _signed(multiplier)
     return z
 
 
@@ -85,8 +84,9 @@ def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
         # u < t, compared from this bit upwards: v is the complement of u's bit (as uniform as u's bit); the
         # partner's uniform is u's complement, whose bit's complement is ~v
         planes = [v, ~v] if antithetic else [v]
-        set_in_cut = (cut >> (plane - 1)) & 1
-        dropped = planes if not dropped else [d | w if set_in_cut else d & w for d, w in zip(dropped, planes)]
+        combine = torch.Tensor.bitwise_or_ if (cut >> (plane - 1)) & 1 else torch.Tensor.bitwise_and_
+        # in place (each of dropped is its own tensor, a first plane's v or ~v): no new tensor per plane
+        dropped = planes if not dropped else [combine(d, w) for d, w in zip(dropped, planes)]
     return dropped
 
 
