@@ -67,14 +67,20 @@ QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "tea
          "eval.repeats=2"]
 
 
+def labelled_run(runs: Path, row: str, seed: int) -> Path | None:
+    """The finished run whose teacher and labels a smaller student's row reuses (SAME_TEACHER); None for a
+    full row, or where no such run has finished labelling."""
+    candidates = [runs / f"{other}-seed{seed}" for other in SAME_TEACHER.get(row, [])]
+    return next((run for run in candidates if (run / "labels" / MANIFEST).is_file()), None)
+
+
 def run_unit(row: str, seed: int, quick: bool) -> dict:
     config, overrides, _ = ROWS[row]
     runs = REPO / "runs" / ("reproduce-quick" if quick else "reproduce")
     run_dir = runs / f"{row}-seed{seed}"
     cfg = load_config(REPO / config, [*overrides, *(QUICK if quick else []), f"seed={seed}", f"run_dir={run_dir}",
                                       f"tracking.experiment={EXPERIMENT}" + ("-quick" if quick else "")])
-    labelled = [runs / f"{other}-seed{seed}" for other in SAME_TEACHER.get(row, [])]
-    source = next((run for run in labelled if (run / "labels" / MANIFEST).is_file()), None)
+    source = labelled_run(runs, row, seed)
     reused = source is not None
     if reused:
         for stage in ("teacher", "labels"):
