@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shutil
 import time
 from pathlib import Path
@@ -82,14 +83,30 @@ def search_row(row: str, seed: int, weight_decays: list[float], lr_scales: list[
                          "val_error": validation_error(student, val), "seconds": time.perf_counter() - start})
             print(f"distill-search: {row} seed {seed} weight decay {weight_decay:g} lr {lr:g}: validation error "
                   f"{100 * grid[-1]['val_error']:.2f} %", flush=True)
-    configured = (base.distill.weight_decay, base.distill.lr)
-    pick = min(grid, key=lambda g: (g["val_error"], (g["weight_decay"], g["lr"]) != configured))
+    configured = {"weight_decay": base.distill.weight_decay, "lr": base.distill.lr, "lr_steps": base.distill.lr_steps,
+                  "epochs": base.distill.epochs, "width": base.distill.width}
     return {"row": row, "seed": seed, "config": config, "overrides": [*row_overrides, *overrides],
-            "configured": {"weight_decay": configured[0], "lr": configured[1], "lr_steps": base.distill.lr_steps,
-                           "epochs": base.distill.epochs, "width": base.distill.width},
-            "teacher_from": str(source.relative_to(REPO)), "teacher_val": teacher, "grid": grid, "pick": pick,
+            "configured": configured, "teacher_from": str(source.relative_to(REPO)), "teacher_val": teacher,
+            "grid": grid, "pick": best(grid, configured),
             "train_rows": len(train), "val_rows": len(val), "seconds": time.perf_counter() - began,
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def best(grid: list[dict], configured: dict) -> dict:
+    """The grid point of lowest validation error; on a tie the config's own point."""
+    own = (configured["weight_decay"], configured["lr"])
+    return min(grid, key=lambda g: (g["val_error"], (g["weight_decay"], g["lr"]) != own))
+
+
+def with_earlier_points(path: Path, result: dict) -> dict:
+    """result plus the grid points of earlier searches in the report at path from the same teacher, labels and
+    settings that this one did not repeat, and the pick over all of them: searches of other grids add up."""
+    same = ("row", "seed", "teacher_from", "teacher_val", "overrides", "configured")
+    earlier = [r for r in (json.loads(path.read_text())["rows"] if path.is_file() else [])
+               if all(r[k] == result[k] for k in same)]
+    repeated = {(g["weight_decay"], g["lr"]) for g in result["grid"]}
+    grid = [g for r in earlier for g in r["grid"] if (g["weight_decay"], g["lr"]) not in repeated] + result["grid"]
+    return {**result, "grid": grid, "pick": best(grid, result["configured"])}
 
 
 def markdown(report: dict) -> str:
@@ -129,7 +146,8 @@ def main() -> None:
             result = search_row(row, args.seed, decays, scales, args.k, args.overrides)
         except UserError as error:  # a missing unit, or labels of other data: one line, exit 2
             parser.exit(2, f"distill-search: {error}\n")
-        merge_rows(args.report, result, markdown, key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
+        merge_rows(args.report, with_earlier_points(args.report, result), markdown,
+                   key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
     print(f"distill-search: report in {args.report.with_suffix('.md')}")
 
 

@@ -2,6 +2,7 @@
 them imports from another, renamed there, would otherwise surface only when a user starts it), and the
 distillation search finds a smaller student's teacher where `make reproduce` put it."""
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,25 @@ def test_a_smaller_students_search_without_its_teacher_names_the_full_row_to_rep
     with pytest.raises(UserError, match=r"runs/reproduce/mnist-lenet_all_prepool-seed999 has no finished teacher "
                                         r"and labels: run `make reproduce SEEDS=999 ROWS=mnist-lenet_all_prepool`"):
         distill_search.search_row("mnist-lenet_all_prepool-w0.6", 999, [0.0005], [1.0], 10, [])
+
+
+def test_distillation_searches_of_other_grids_add_up_and_the_pick_spans_them(tmp_path):
+    """A second search of the same teacher with another lr keeps the first search's points; a point searched
+    again takes its new value; on a tie the config's own point is the pick."""
+    configured = {"weight_decay": 0.0005, "lr": 0.001, "lr_steps": [20], "epochs": 30, "width": 1.0}
+    unit = {"row": "mnist-lenet", "seed": 0, "teacher_from": "runs/reproduce/mnist-lenet-seed0",
+            "teacher_val": {"standard": 0.008, "mc100": 0.008}, "overrides": [], "configured": configured}
+    point = lambda wd, lr, err: {"weight_decay": wd, "lr": lr, "val_error": err}  # noqa: E731
+    report = tmp_path / "search.json"
+    first = {**unit, "grid": [point(0.0005, 0.001, 0.0074), point(0, 0.001, 0.0080)]}
+    report.write_text(json.dumps({"rows": [{**first, "pick": first["grid"][0]}]}))
+    second = distill_search.with_earlier_points(report, {**unit, "grid": [point(0.0005, 0.003, 0.0074),
+                                                                          point(0, 0.001, 0.0071)]})
+    assert [(g["weight_decay"], g["lr"], g["val_error"]) for g in second["grid"]] == [
+        (0.0005, 0.001, 0.0074), (0.0005, 0.003, 0.0074), (0, 0.001, 0.0071)]
+    assert (second["pick"]["weight_decay"], second["pick"]["lr"]) == (0, 0.001)
+    tie = distill_search.with_earlier_points(report, {**unit, "grid": [point(0.0005, 0.003, 0.0074)]})
+    assert (tie["pick"]["weight_decay"], tie["pick"]["lr"]) == (0.0005, 0.001)
+    other_teacher = distill_search.with_earlier_points(report, {**unit, "teacher_val": {"standard": 0.009},
+                                                                "grid": [point(0.0005, 0.003, 0.0074)]})
+    assert len(other_teacher["grid"]) == 1
