@@ -1,6 +1,6 @@
 """The benchmark commands run for minutes to hours outside the suite: each must at least import (a name one of
 them imports from another, renamed there, would otherwise surface only when a user starts it), and the
-distillation search finds a smaller student's teacher where `make reproduce` put it."""
+distillation search finds a smaller student's teacher where `make reproduce` put it and adds up its grids."""
 import importlib
 import json
 from pathlib import Path
