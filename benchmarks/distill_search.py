@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import RESULTS, merge_rows
-from benchmarks.reproduce import REPO, ROWS, SAME_TEACHER, labelled_run, parse_rows
+from benchmarks.reproduce import REPO, ROWS, full_row, labelled_run, parse_rows
 from benchmarks.schedule_search import validation_error
 from dd_dist.config import load_config
 from dd_dist.core.loop import train_student
@@ -52,12 +52,11 @@ def search_row(row: str, seed: int, weight_decays: list[float], lr_scales: list[
                overrides: list[str]) -> dict:
     config, row_overrides, _ = ROWS[row]
     runs = REPO / "runs" / "reproduce"
-    full_row = row.rsplit("-w", 1)[0] if row in SAME_TEACHER else row
-    source = labelled_run(runs, row, seed) or runs / f"{full_row}-seed{seed}"
+    source = labelled_run(runs, row, seed) or runs / f"{full_row(row)}-seed{seed}"
     teacher_file, labels = source / "teacher" / "model.pt", source / "labels"
     if not (teacher_file.is_file() and (labels / "manifest.json").is_file()):
         raise UserError(f"{source} has no finished teacher and labels: run `make reproduce SEEDS={seed} "
-                        f"ROWS={full_row}` first")
+                        f"ROWS={full_row(row)}` first")
     base = load_config(REPO / config, [*row_overrides, f"seed={seed}", *overrides])
     train, val = run_split(base, "train"), run_split(base, "val")
     check_labels_match(read_manifest(labels), data_fingerprint=train.fingerprint, num_classes=train.num_classes,

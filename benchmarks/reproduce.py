@@ -57,9 +57,16 @@ ROWS = {
 ROWS.update({f"{row}-w{w}": (ROWS[row][0], [*ROWS[row][1], f"distill.width={w}"], (None, SMALLER))
              for row in ("mnist-lenet", "mnist-lenet_all", "mnist-lenet_all_prepool", "fashion-lenet")
              for w in (0.6, 0.8)})
+
+
+def full_row(row: str) -> str:
+    """The full-width row a smaller student's row ("mnist-lenet-w0.6") distils from; a full row itself."""
+    return row.rsplit("-w", 1)[0]
+
+
 # A smaller student learns from the full teacher's labels (same seed), as in the paper: those of its full row's
 # run when it is there, else those of a sibling smaller student's run (which trained that same teacher).
-SAME_TEACHER = {row: [other for other in ROWS if other != row and other.rsplit("-w", 1)[0] == row.rsplit("-w", 1)[0]]
+SAME_TEACHER = {row: [other for other in ROWS if other != row and full_row(other) == full_row(row)]
                 for row in ROWS if "-w0." in row}
 # --quick: the same pipeline on 5k training images, 2k test images, short schedules, K=20.
 QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "teacher.lr=0.01", "teacher.lr_steps=[2]",
