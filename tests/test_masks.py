@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.masks import PLANES, keep_masks
+from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks
 from dd_dist.errors import UserError
 from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
 
@@ -48,6 +48,17 @@ def test_mask_bits_are_splitmix64_streams_of_seed_layer_and_row(p):
         assert torch.equal(masks[i], reference_keep(row, 2, 3, 70, p, 11))
     partners = keep_masks(rows, 2, 6, 70, p, seed=11, antithetic=True)[:, 1::2]
     assert torch.equal(partners[1], reference_keep(7, 2, 3, 70, p, 11, complement=True))
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_a_row_gets_the_same_masks_alone_and_in_a_batch_of_many_cpu_blocks(antithetic):
+    """The CPU hashes CACHE_WORDS // words rows at a time: here 300 rows in blocks of 16 (32 antithetic: half the words)."""
+    rows, (k, n) = torch.arange(300) * 5 + 2**35, (64, 4000)
+    block = CACHE_WORDS // (k // (1 + antithetic) * n // 64)
+    assert 1 < block < len(rows) // 2
+    batch = keep_masks(rows, 1, k, n, 0.3, seed=2, antithetic=antithetic)
+    for i in (0, block - 1, block, 150, 299):  # a block's first and last rows, and the next block's first
+        assert torch.equal(batch[i : i + 1], keep_masks(rows[i : i + 1], 1, k, n, 0.3, seed=2, antithetic=antithetic))
 
 
 @pytest.mark.parametrize("p", [0.5, 0.25, 0.125])
