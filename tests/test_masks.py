@@ -52,7 +52,8 @@ def test_mask_bits_are_splitmix64_streams_of_seed_layer_and_row(p):
 
 @pytest.mark.parametrize("antithetic", [False, True])
 def test_a_row_gets_the_same_masks_alone_and_in_a_batch_of_many_cpu_blocks(antithetic):
-    """The CPU hashes CACHE_WORDS // words rows at a time: here 300 rows in blocks of 16 (32 antithetic: half the words)."""
+    """The CPU hashes CACHE_WORDS // words rows at a time: here 300 rows in blocks of 16 (32 antithetic:
+    half the words)."""
     rows, (k, n) = torch.arange(300) * 5 + 2**35, (64, 4000)
     block = CACHE_WORDS // (k // (1 + antithetic) * n // 64)
     assert 1 < block < len(rows) // 2
