@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks
+from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks, unpack, unpack_by_table
 from dd_dist.errors import UserError
 from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
 
@@ -86,6 +86,13 @@ def test_masks_in_the_activations_dtype_are_the_boolean_masks(dtype):
         keep = keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic, dtype=dtype)
         assert keep.dtype == dtype and keep.is_contiguous()
         assert torch.equal(keep, keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])
+def test_the_byte_table_that_unpacks_on_a_gpu_unpacks_as_numpy_does_on_the_cpu(dtype):
+    packed = torch.randint(-(2**63), 2**63 - 1, (5, 9), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    for n in (1, 63, 64, 65, 9 * 64 - 3, 9 * 64):
+        assert torch.equal(unpack_by_table(packed, n, dtype), unpack(packed, n, dtype))
 
 
 @pytest.mark.gpu

@@ -65,10 +65,15 @@ def unpack(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.bool) -> tor
     """(rows, n) 0/1 of dtype, contiguous, of the first n bits of each row of (rows, words) int64, bit i of
     word w at w * 64 + i. On the CPU numpy's unpackbits (up to twice as fast as the byte table); elsewhere each
     byte is looked up as its 8 values at once (_byte_table: several times faster than indexing)."""
-    if packed.device.type == "cpu":
-        as_bytes = packed.contiguous().numpy().view(numpy.uint8)
-        bits = torch.from_numpy(numpy.unpackbits(as_bytes, axis=1, count=n, bitorder="little"))
-        return bits.view(torch.bool) if dtype == torch.bool else bits.to(dtype)
+    if packed.device.type != "cpu":
+        return unpack_by_table(packed, n, dtype)
+    as_bytes = packed.contiguous().numpy().view(numpy.uint8)
+    bits = torch.from_numpy(numpy.unpackbits(as_bytes, axis=1, count=n, bitorder="little"))
+    return bits.view(torch.bool) if dtype == torch.bool else bits.to(dtype)
+
+
+def unpack_by_table(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """unpack on any device, in torch alone."""
     as_bytes = packed.contiguous().view(torch.uint8)[:, : -(-n // 8)]
     # int32 indices: half the bytes of int64
     values = _byte_table(packed.device, dtype).index_select(0, as_bytes.int().reshape(-1))
