@@ -91,7 +91,8 @@ def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
     # cache (1.2-1.3x faster than all rows at once); a GPU takes every row in each launch.
     rows = max(1, CACHE_WORDS // count) if row_ids.device.type == "cpu" else max(1, len(row_ids))
     chunks = [_drop_bits(ids, layer, count, round(p * 2**PLANES), seed, antithetic) for ids in row_ids.split(rows)]
-    return [torch.cat(parts) for parts in zip(*chunks)]
+    # one block (a GPU, or an MC chunk that fits the cache, as lenet's labels do) is returned as it is, not copied
+    return chunks[0] if len(chunks) == 1 else [torch.cat(parts) for parts in zip(*chunks)]
 
 
 def _drop_bits(row_ids: torch.Tensor, layer: int, count: int, cut: int, seed: int,
