@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dd_dist.core.augment import augment, row_rng_seed
+from dd_dist.core.augment import augment
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.sources import DATASETS
 from dd_dist.data.splits import load_split
 from dd_dist.errors import UserError

@@ -10,7 +10,7 @@ import torch
 
 from dd_dist.cli import main
 from dd_dist.config import load_config
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.splits import run_split
 from dd_dist.core.mc import mc_estimate, mc_probs, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics

@@ -2,11 +2,12 @@
 its independence of batch and device, and labels of the older generator refused in one line."""
 import json
 
+import numpy
 import pytest
 import torch
 
-from dd_dist.core.augment import row_rng_seed
-from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks, unpack, unpack_by_table
+from dd_dist.core.splitmix import row_rng_seed
+from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks, unpack, unpack_by_table, words, words_torch
 from dd_dist.errors import UserError
 from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
 
@@ -86,6 +87,15 @@ def test_masks_in_the_activations_dtype_are_the_boolean_masks(dtype):
         keep = keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic, dtype=dtype)
         assert keep.dtype == dtype and keep.is_contiguous()
         assert torch.equal(keep, keep_masks([3, 11, 2**33], 2, 6, n, p, seed=9, antithetic=antithetic).to(dtype))
+
+
+def test_the_torch_words_a_gpu_hashes_are_the_numpy_words_of_the_cpu():
+    """A GPU draws the bit planes with torch's int64 arithmetic, the CPU with numpy's uint64: the same bits."""
+    rows = [0, 1, 7, 2**31 + 5, 2**40 + 3, 2**62 + 1]
+    for stream in (0, 1, row_rng_seed(3, 1, 16), 2**63 - 1):
+        cpu = words(numpy.array(rows), stream, 130)
+        assert torch.equal(words_torch(torch.tensor(rows), stream, 130), torch.from_numpy(cpu.view(numpy.int64)))
+        assert cpu[2, 4] == splitmix_output(splitmix_output(7 * 0x9E3779B97F4A7C15 + stream) + 5 * 0x9E3779B97F4A7C15)
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])

@@ -67,7 +67,7 @@ def test_entropy_in_nats_with_zero_probabilities():
 
 from dd_dist.cli import main  # noqa: E402
 from dd_dist.config import load_config  # noqa: E402
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.splits import load_split, run_split  # noqa: E402
 from dd_dist.errors import UserError  # noqa: E402
 from dd_dist.core.heads import FLOOR, FORM, UncertaintyStudent, uncertainty_loss  # noqa: E402

@@ -3,8 +3,9 @@
 Every mask bit is a pure function of (seed, layer, row id, sample j, unit): bit b = j * units + unit of a
 splitmix64 stream per (seed, layer, row, bit plane), in its word b // 64 at bit b % 64. So a row's masks are the
 same in any batch, order, chunking, process, machine or device, and sample j does not depend on k.
-It is integer arithmetic on int64 tensors (wrapping products, shifts masked to be logical), the same
-bits on CPU and CUDA, with no Python loop over rows (the CPU hashes a cache-sized block of rows at a time).
+It is integer arithmetic on 64-bit words (core/splitmix.py), with no Python loop over rows: numpy's uint64 on
+the CPU, a cache-sized block of rows at a time, and torch's int64 on a GPU, every row in each launch. The bits
+are the same (tests/test_masks.py checks both on the CPU).
 
 One 64-bit word decides 64 units at once (bit-sliced): a unit is dropped when its 16-bit uniform u,
 one bit from each of up to PLANES words, is below t = round(p * 2^16), compared bit by bit from the
@@ -16,41 +17,27 @@ same probability; at p = 0.5 the partner is the complement, and for p < 0.5 no u
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy
 import torch
 
-from dd_dist.core.augment import SPLITMIX_GAMMA, SPLITMIX_MUL1, SPLITMIX_MUL2, row_rng_seed
+from dd_dist.core.splitmix import draws, draws_torch, row_rng_seed
 
 PLANES = 16  # bits of precision of p
-CACHE_WORDS = 1 << 16  # a CPU chunk's words per bit plane: 512 KiB, so that its few tensors stay in a core's cache
+CACHE_WORDS = 1 << 16  # a CPU block's words per bit plane: 512 KiB, so that its few arrays stay in a core's cache
 
 
-def _signed(value: int) -> int:
-    """A 64-bit constant as the int64 with the same bits (torch has no uint64 products)."""
-    value &= 2**64 - 1
-    return value - 2**64 if value >= 2**63 else value
+def words(row_ids: numpy.ndarray, stream: int, count: int) -> numpy.ndarray:
+    """(rows, count) uint64: draws 1..count of each row's stream, which is seeded by draw `row id` of `stream`."""
+    start = draws(stream, row_ids.astype(numpy.uint64))  # a stream per row
+    return draws(start[:, None], numpy.arange(1, count + 1, dtype=numpy.uint64))
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser, in place on an int64 tensor (one scratch tensor: a new tensor per step would cost
-    its page faults, more than the arithmetic). torch's >> is arithmetic: masking its copies of the sign bit
-    makes it logical."""
-    scratch = torch.empty_like(z)
-    for shift, multiplier in ((30, SPLITMIX_MUL1), (27, SPLITMIX_MUL2), (31, None)):
-        torch.bitwise_right_shift(z, shift, out=scratch)
-        scratch &= (1 << (64 - shift)) - 1
-        z ^= scratch
-        if multiplier:
-            z *= _signed(multiplier)
-    return z
-
-
-def words(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
-    """(rows, count) int64: outputs 1..count of the splitmix64 stream of each row in `stream`."""
-    start = _mix(row_ids.to(torch.int64) * _signed(SPLITMIX_GAMMA) + _signed(stream))  # a stream per row
-    counter = torch.arange(1, count + 1, dtype=torch.int64, device=row_ids.device) * _signed(SPLITMIX_GAMMA)
-    return _mix(start[:, None] + counter)
+def words_torch(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:
+    """words in torch, on row_ids' device: (rows, count) int64 of the same bits."""
+    start = draws_torch(stream, row_ids.to(torch.int64))
+    return draws_torch(start[:, None], torch.arange(1, count + 1, dtype=torch.int64, device=row_ids.device))
 
 
 @functools.cache
@@ -86,27 +73,31 @@ def drop_bits(row_ids: torch.Tensor, layer: int, bits: int, p: float, seed: int,
     """[(rows, ceil(bits / 64)) int64] whose bits are set where a unit is dropped (with probability
     round(p * 2^16) / 2^16); antithetic: a second one, the partners' drop bits from the complemented
     uniforms of the same words (each plane's words are hashed once for both)."""
-    count = -(-bits // 64)
-    # On the CPU a few rows at a time, so that the hash's dozen passes over a plane's words run in the core's
-    # cache (1.2-1.3x faster than all rows at once); a GPU takes every row in each launch.
-    rows = max(1, CACHE_WORDS // count) if row_ids.device.type == "cpu" else max(1, len(row_ids))
-    chunks = [_drop_bits(ids, layer, count, round(p * 2**PLANES), seed, antithetic) for ids in row_ids.split(rows)]
-    # one block (a GPU, or an MC chunk that fits the cache, as lenet's labels do) is returned as it is, not copied
-    return chunks[0] if len(chunks) == 1 else [torch.cat(parts) for parts in zip(*chunks)]
+    count, cut = -(-bits // 64), round(p * 2**PLANES)
+    if row_ids.device.type != "cpu":  # a GPU takes every row in each launch
+        return _drop_bits(words_torch, row_ids, layer, count, cut, seed, antithetic)
+    # numpy on the CPU, a few rows at a time, so that the hash's passes over a plane's words run in the core's
+    # cache (1.2-1.3x faster than all rows at once)
+    ids, rows = row_ids.numpy(), max(1, CACHE_WORDS // count)
+    blocks = [_drop_bits(words, ids[i : i + rows], layer, count, cut, seed, antithetic)
+              for i in range(0, max(len(ids), 1), rows)]  # no rows: one empty block
+    # one block (an MC chunk that fits the cache, as lenet's labels do) is returned as it is, not copied
+    return [torch.from_numpy((parts[0] if len(blocks) == 1 else numpy.concatenate(parts)).view(numpy.int64))
+            for parts in zip(*blocks)]
 
 
-def _drop_bits(row_ids: torch.Tensor, layer: int, count: int, cut: int, seed: int,
-               antithetic: bool) -> list[torch.Tensor]:
-    """drop_bits of some rows, `count` words each, dropping where the 16-bit uniform is below `cut`."""
-    dropped: list[torch.Tensor] = []
+def _drop_bits(plane_words, row_ids, layer: int, count: int, cut: int, seed: int, antithetic: bool) -> list:
+    """drop_bits of some rows, `count` words each, dropping where the 16-bit uniform is below `cut`: numpy arrays
+    from words, or tensors from words_torch (plane_words)."""
+    dropped = []
     lowest = (cut & -cut).bit_length()  # the plane of t's lowest set bit, counted from its least significant
     for plane in range(lowest, PLANES + 1):  # weight 2^(plane - 1 - PLANES), least significant first
-        v = words(row_ids, row_rng_seed(seed, layer, plane), count)
+        v = plane_words(row_ids, row_rng_seed(seed, layer, plane), count)
         # u < t, compared from this bit upwards: v is the complement of u's bit (as uniform as u's bit); the
         # partner's uniform is u's complement, whose bit's complement is ~v
         planes = [v, ~v] if antithetic else [v]
-        combine = torch.Tensor.bitwise_or_ if (cut >> (plane - 1)) & 1 else torch.Tensor.bitwise_and_
-        # in place (each of dropped is its own tensor, a first plane's v or ~v): no new tensor per plane
+        combine = operator.ior if (cut >> (plane - 1)) & 1 else operator.iand
+        # in place (each of dropped is its own array, a first plane's v or ~v): no new array per plane
         dropped = planes if not dropped else [combine(d, w) for d, w in zip(dropped, planes)]
     return dropped
 
@@ -125,5 +116,7 @@ def keep_masks(row_ids, layer: int, k: int, n: int, p: float, seed: int, antithe
     if cut in (0, 2**PLANES):  # nothing to draw
         return torch.full((len(ids), k, n), cut == 0, dtype=dtype, device=ids.device)
     base = k // 2 if antithetic else k
-    keep = [unpack(~d, base * n, dtype).view(-1, base, n) for d in drop_bits(ids, layer, base * n, p, seed, antithetic)]
+    # each drop_bits tensor is its own: complemented in place into the keep bits
+    keep = [unpack(d.bitwise_not_(), base * n, dtype).view(-1, base, n)
+            for d in drop_bits(ids, layer, base * n, p, seed, antithetic)]
     return (torch.stack(keep, 2) if antithetic else keep[0]).reshape(-1, k, n)

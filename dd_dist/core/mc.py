@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.masks import keep_masks
 from dd_dist.core.precision import HALF
 

@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from dd_dist.config import Config
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import entropy, full_precision, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from dd_dist.core.augment import row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.cache import ROW_GROUP
 from dd_dist.data.splits import Split
 from dd_dist.labels.format import table_probs
