@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dd_dist.core.splitmix import row_rng_seed
-from dd_dist.core.masks import CACHE_WORDS, PLANES, keep_masks, unpack, unpack_by_table, words, words_torch
+from dd_dist.core.masks import (CACHE_WORDS, PLANES, _drop_bits, drop_bits, keep_masks, unpack, unpack_by_table, words,
+                                words_torch)
 from dd_dist.errors import UserError
 from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
 
@@ -96,6 +97,11 @@ def test_the_torch_words_a_gpu_hashes_are_the_numpy_words_of_the_cpu():
         cpu = words(numpy.array(rows), stream, 130)
         assert torch.equal(words_torch(torch.tensor(rows), stream, 130), torch.from_numpy(cpu.view(numpy.int64)))
         assert cpu[2, 4] == splitmix_output(splitmix_output(7 * 0x9E3779B97F4A7C15 + stream) + 5 * 0x9E3779B97F4A7C15)
+    # and the planes combined as a GPU combines them (its whole path, bar the device)
+    for p, antithetic in ((0.5, False), (0.3, True), (0.2, False)):
+        cut = round(p * 2**PLANES)
+        gpu_way = _drop_bits(words_torch, torch.tensor(rows), 2, 9, cut, 5, antithetic)
+        assert all(torch.equal(a, b) for a, b in zip(gpu_way, drop_bits(torch.tensor(rows), 2, 9 * 64, p, 5, antithetic)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16])
