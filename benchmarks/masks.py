@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.masks import keep_masks
+from dd_dist.core.splitmix import row_rng_seed
 
 ROWS, K, UNITS, ROUNDS, CALLS = 256, 100, 500, 4, 6
 

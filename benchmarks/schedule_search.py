@@ -32,8 +32,8 @@ import torch
 from benchmarks.report import merge_rows
 from benchmarks.reproduce import REPO, RESULTS, ROWS, parse_rows
 from dd_dist.config import load_config
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.loop import make_optimizer, train_epoch
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.tasks import TeacherTask, teacher_batches
 from dd_dist.data.splits import Split, run_split
 

@@ -6,9 +6,9 @@ import numpy
 import pytest
 import torch
 
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.masks import (CACHE_WORDS, PLANES, _drop_bits, drop_bits, keep_masks, unpack, unpack_by_table, words,
                                 words_torch)
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.errors import UserError
 from dd_dist.labels.format import MANIFEST, OLD_FORMAT, manifest_digest, read_manifest
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.masks import keep_masks
 from dd_dist.core.precision import HALF
+from dd_dist.core.splitmix import row_rng_seed
 
 
 ELEMENTWISE, CHANNELWISE = (nn.Dropout,), (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # the dropouts MC can seed

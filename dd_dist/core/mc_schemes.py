@@ -53,10 +53,10 @@ import math
 import torch
 from torch import nn
 
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.masks import keep_masks
 from dd_dist.core.mc import (MCEstimate, MaskedModel, dropout_layers, entropy, full_precision, mc_estimate, run_masked,
                              softmax)
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.schemes import MCScheme
 
 AFFINE = (nn.Linear, nn.Flatten, nn.Identity)  # modules that may follow the last dropout under the control variate

@@ -22,12 +22,12 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from dd_dist.config import Config
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.heads import UncertaintyStudent
 from dd_dist.core.mc import entropy, full_precision, mc_estimate, standard_probs, uncertainty
 from dd_dist.core.metrics import classification_metrics, reliability_bins
 from dd_dist.core.models import check_fits, load_model
 from dd_dist.core.precision import autocast, check_precision
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.splits import Split
 from dd_dist.errors import UserError
 from dd_dist.files import write_json

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from dd_dist.config import Config
-from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.core.loop import lr_at, print_epoch
 from dd_dist.core.models import save_model
+from dd_dist.core.splitmix import row_rng_seed
 from dd_dist.data.splits import run_split
 from dd_dist.infra.tracking import Tracker
 from dd_dist.layout import HISTORY, MODEL
