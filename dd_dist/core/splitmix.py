@@ -27,11 +27,10 @@ def row_rng_seed(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def draws(seeds, counters: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint64 draws `counters` of the streams seeded `seeds` (uint64, broadcast against each other), into out
-    when given; in place after the first step, with one scratch array (a new array a step would cost its page
-    faults, more than the arithmetic). uint64 products wrap mod 2^64."""
-    z = np.add(seeds, counters * np.uint64(GAMMA), out=out)
+def draws(seeds: np.ndarray | int, counters: np.ndarray) -> np.ndarray:
+    """uint64 draws `counters` of the streams seeded `seeds` (uint64, broadcast against each other): in place
+    after the first step, with one scratch array. uint64 products wrap mod 2^64."""
+    z = np.add(seeds, counters * np.uint64(GAMMA))
     scratch = np.empty_like(z)
     for shift, multiplier in _STEPS:
         np.right_shift(z, np.uint64(shift), out=scratch)
@@ -47,7 +46,7 @@ def _signed(value: int) -> int:
     return value - 2**64 if value >= 2**63 else value
 
 
-def draws_torch(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+def draws_torch(seeds: torch.Tensor | int, counters: torch.Tensor) -> torch.Tensor:
     """draws in torch on any device: int64 tensors holding the same bits. torch's >> is arithmetic: masking its
     copies of the sign bit makes it logical."""
     z = seeds + counters * _signed(GAMMA)
