@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dd_dist.core.splitmix import draws, row_rng_seed
+from dd_dist.core.splitmix import row_rng_seed, streams
 
 
 def _at_least(uniform: np.ndarray, p: float) -> np.ndarray:
@@ -25,8 +25,7 @@ def augment(x: torch.Tensor, ids: torch.Tensor, seed: int, epoch: int,
     if len(x) == 0 or (zero_p == 0 and flip_p == 0):
         return x.clone()
     seeds = np.array([row_rng_seed(seed, row, epoch) for row in ids.tolist()], dtype=np.uint64)
-    # draws 1..numel + 1 of each row's stream: the first decides the flip, the rest the pixels
-    uniform = draws(seeds[:, None], np.arange(1, 2 + x[0].numel(), dtype=np.uint64))
+    uniform = streams(seeds, 1 + x[0].numel())  # the first draw decides the flip, the rest the pixels
     keep, flip = _at_least(uniform[:, 1:], zero_p).reshape(x.shape), ~_at_least(uniform[:, 0], flip_p)
     # numpy does these small elementwise steps several times faster than torch on CPU, and does
     # not slow down when other processes hold the cores (torch's thread pool does).

@@ -22,7 +22,7 @@ import operator
 import numpy
 import torch
 
-from dd_dist.core.splitmix import draws, draws_torch, row_rng_seed
+from dd_dist.core.splitmix import draws, draws_torch, row_rng_seed, streams
 
 PLANES = 16  # bits of precision of p
 CACHE_WORDS = 1 << 16  # a CPU block's words per bit plane: 512 KiB, so that its few arrays stay in a core's cache
@@ -30,8 +30,7 @@ CACHE_WORDS = 1 << 16  # a CPU block's words per bit plane: 512 KiB, so that its
 
 def words(row_ids: numpy.ndarray, stream: int, count: int) -> numpy.ndarray:
     """(rows, count) uint64: draws 1..count of each row's stream, which is seeded by draw `row id` of `stream`."""
-    start = draws(stream, row_ids.astype(numpy.uint64))  # a stream per row
-    return draws(start[:, None], numpy.arange(1, count + 1, dtype=numpy.uint64))
+    return streams(draws(stream, row_ids.astype(numpy.uint64)), count)  # a stream per row
 
 
 def words_torch(row_ids: torch.Tensor, stream: int, count: int) -> torch.Tensor:

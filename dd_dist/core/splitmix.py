@@ -40,6 +40,11 @@ def draws(seeds: np.ndarray | int, counters: np.ndarray) -> np.ndarray:
     return z
 
 
+def streams(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(len(seeds), count) uint64: draws 1..count of the stream of each of seeds."""
+    return draws(seeds[:, None], np.arange(1, count + 1, dtype=np.uint64))
+
+
 def _signed(value: int) -> int:
     """A 64-bit constant as the int64 with the same bits (torch has no uint64 products)."""
     value &= _M64
