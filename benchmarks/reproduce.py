@@ -66,9 +66,10 @@ def full_row(row: str) -> str:
 
 
 # A smaller student learns from the full teacher's labels (same seed), as in the paper: those of its full row's
-# run when it is there, else those of a sibling smaller student's run (which trained that same teacher).
-SAME_TEACHER = {row: [other for other in ROWS if other != row and full_row(other) == full_row(row)]
-                for row in ROWS if "-w0." in row}
+# run when it is there, else those of a sibling smaller student's run (which trained that same teacher). A full
+# row whose own run has no teacher takes them from a smaller student's run in the same way (neither the teacher
+# nor its labels depend on the student's width).
+SAME_TEACHER = {row: [other for other in ROWS if other != row and full_row(other) == full_row(row)] for row in ROWS}
 # --quick: the same pipeline on 5k training images, 2k test images, short schedules, K=20.
 QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "teacher.lr=0.01", "teacher.lr_steps=[2]",
          "distill.epochs=2", "distill.lr=0.001", "distill.lr_steps=[1]", "label.k=20", "eval.ks=[1,20]",
@@ -76,8 +77,10 @@ QUICK = ["data.train_rows=5000", "data.test_rows=2000", "teacher.epochs=3", "tea
 
 
 def labelled_run(runs: Path, row: str, seed: int) -> Path | None:
-    """The finished run whose teacher and labels a smaller student's row reuses (SAME_TEACHER); None for a
-    full row, or where no such run has finished labelling."""
+    """The finished run whose teacher and labels the row's unit reuses (SAME_TEACHER); None where no such run
+    has finished labelling, or for a full row whose own run has its teacher (it keeps that one)."""
+    if row == full_row(row) and (runs / f"{row}-seed{seed}" / "teacher" / "model.pt").is_file():
+        return None
     candidates = [runs / f"{other}-seed{seed}" for other in SAME_TEACHER.get(row, [])]
     return next((run for run in candidates if (run / "labels" / MANIFEST).is_file()), None)
 
