@@ -35,7 +35,7 @@ import torch
 from scipy.stats import rankdata
 
 from benchmarks.report import RESULTS, machine, write_report
-from benchmarks.reproduce import REPO, ROWS, kept_teacher_seconds, parse_rows
+from benchmarks.reproduce import REPO, ROWS, full_row, kept_teacher_seconds, parse_rows
 from dd_dist.config import load_config
 from dd_dist.data.sources import FASHION_MNIST_DIR
 from dd_dist.data.splits import load_split
@@ -53,7 +53,7 @@ SCORES = {  # method -> its scores, higher = more likely out of distribution
     "distilled": ("entropy", "uncertainty head"),
 }
 BATCH = 500
-MNIST_ROWS = [row for row, (_, overrides, _) in ROWS.items() if row.startswith("mnist-") and not overrides]
+MNIST_ROWS = [row for row in ROWS if row.startswith("mnist-") and full_row(row) == row]  # full-width nets only
 SEED_SALT = 0x00D  # masks of this benchmark, not the label stage's
 
 
