@@ -28,7 +28,7 @@ def start(root: Path) -> dict:
     resume as one); returns {url, root, proc, stop}. Call wait_until_serving before using it."""
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/store.db",
          "--artifacts-destination", str(root / "artifacts")],
         cwd=root, env={**os.environ, **SERVER_ENV}, stdout=open(root / "server.log", "w"),
