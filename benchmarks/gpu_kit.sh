@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 version=${1:-3.12}
 make setup
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" .gpu-kit/site.tar.xz.part' EXIT  # a failed run leaves no half-written kit
 
 # .venv's packages that the image lacks (names compared as pip normalises them)
 .venv/bin/pip list --format freeze --exclude-editable | grep -iv '^playwright==' > "$work/venv"
