@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The packages that benchmarks/gpu_check.sh needs on a GPU machine with no package index but a CUDA torch of its
-# own (this workplace's device machines: Python 3.12, torch 2.11, the packages in gpu_image_packages.txt), packed
-# here as one compressed site-packages folder that travels with the checkout (under 64 MiB with it):
+# The packages that benchmarks/gpu_check.sh needs on a GPU machine with no package index but a CUDA torch of
+# its own (the GPU machines this project is lent: Python 3.12, torch 2.11, the packages in
+# gpu_image_packages.txt), packed here as one compressed site-packages folder that travels with the checkout
+# (under 64 MiB with it):
 #
 #   benchmarks/gpu_kit.sh [PYTHON_VERSION]      # default 3.12; writes .gpu-kit/site.tar.xz (git ignores it)
 #
