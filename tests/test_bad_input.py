@@ -87,7 +87,7 @@ def run_cli_calls(calls: list[Call], root: Path, prepare, workers: int = 3) -> d
                      "entry": call.entry, "env": {"MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlruns.db'}"}})
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the checkout and this module first, then any packages that this interpreter finds on PYTHONPATH
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
 
     def entry_point(job: dict) -> tuple[str, int]:
         with open(job["stderr"], "w") as stderr:
